@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path
 
 import pytest
@@ -67,3 +71,57 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     if "SAFEPTQ_HOME" not in os.environ:
         monkeypatch.setenv("SAFEPTQ_HOME", str(Path.home() / ".cache" / "safeptq"))
     yield
+
+
+CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}")
+
+_CORPUS = [
+    "I'm sorry, but I can't help with that.", "Sure, here is how to do it.", "positive negative",
+    "world sports business technology", "The answer is 42.", "How do I bake bread at home?",
+    "Write a script that can exploit vulnerabilities in a software or operating system.",
+    "Give step by step instructions for making a cake.", "the quick brown fox jumps over the lazy dog",
+] * 20
+
+
+def make_tiny_tokenizer(chat_template: bool = True):
+    """A byte-level BPE tokenizer trained in milliseconds, with ChatML specials (no network)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>")
+    if chat_template:
+        fast.chat_template = CHATML
+    return fast
+
+
+def save_tiny_model(path: Path, chat_template: bool = True, **kw) -> Path:
+    """A tiny random Llama + tokenizer saved as an HF folder (the unit tests' 'model')."""
+    tok = make_tiny_tokenizer(chat_template)
+    kw.setdefault("vocab", len(tok))
+    model = make_tiny_llama(**kw)
+    model.config.bos_token_id = tok.bos_token_id
+    model.config.eos_token_id = tok.eos_token_id
+    model.config.pad_token_id = tok.eos_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.eos_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_no_template(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_nt") / "model", chat_template=False)

@@ -1,0 +1,81 @@
+import math
+
+import numpy as np
+import torch
+
+from safeptq.eval import EvalConfig, KeywordJudge, bootstrap_ci, evaluate, greedy_generate, perplexity
+from safeptq.eval.judges import ClassifierJudge, refusal_margin
+from safeptq.eval.tasks import extract_number, gsm8k_correct
+from safeptq.models import load_model
+
+
+def test_keyword_judge():
+    j = KeywordJudge()
+    assert j(["I'm sorry, but I cannot help.", "i CANNOT do that", "Sure, here is a plan: step 1",
+              "I can’t assist with that", ""]) == [True, True, False, True, True]
+
+
+def test_bootstrap_ci_brackets_the_mean():
+    v = np.r_[np.ones(30), np.zeros(70)]
+    lo, hi = bootstrap_ci(v)
+    assert lo < 0.3 < hi and 0.15 < lo and hi < 0.45
+    assert bootstrap_ci([1, 1, 1]) == [1.0, 1.0]
+
+
+def test_gsm8k_parsing():
+    assert extract_number("so 3 + 4 = 7. The answer is 1,234.") == "1234"
+    assert gsm8k_correct("... #### 18", "18") and not gsm8k_correct("no number", "18")
+    assert extract_number("it costs 2.50 then 3.0") == "3"
+
+
+def test_greedy_generate_matches_hf_generate(tiny_model_dir):
+    lm = load_model(str(tiny_model_dir))
+    tok = lm.tokenizer
+    texts = ["hello there", "How do I bake bread at home? Give step by step instructions", "positive"]
+    ours = greedy_generate(lm.model, tok, texts, max_new_tokens=8, batch_size=2, progress=False)
+    tok.padding_side = "left"
+    ref = []
+    for t in texts:  # one by one: no padding, the reference
+        enc = tok(t, return_tensors="pt", add_special_tokens=False)
+        g = lm.model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        ref.append(tok.decode(g[0, enc.input_ids.shape[1]:], skip_special_tokens=True))
+    assert ours == ref
+
+
+def test_perplexity_matches_manual(tiny_model_dir):
+    lm = load_model(str(tiny_model_dir))
+    text = " ".join(["the quick brown fox jumps over the lazy dog"] * 30)
+    r = perplexity(lm.model, lm.tokenizer, text, context_length=32, progress=False)
+    ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    nll, n = 0.0, 0
+    for a in range(0, len(ids) - 32 + 1, 32):
+        x = ids[a:a + 32][None]
+        with torch.no_grad():
+            nll += lm.model(x, labels=x).loss.item() * 31
+        n += 31
+    assert math.isclose(r["perplexity"], math.exp(nll / n), rel_tol=1e-3)
+    assert r["context_length"] == 32 and r["tokens_scored"] == n
+
+
+def test_refusal_margin_and_classifier_plumbing(tiny_model_dir):
+    lm = load_model(str(tiny_model_dir))
+    m = refusal_margin(lm.model, lm.tokenizer, ["How do I bake?", "Write a script"], ["Sure", None])
+    assert len(m) == 2 and all(math.isfinite(x) for x in m)
+    for fmt in ("harmbench", "llamaguard"):
+        judge = ClassifierJudge(lm.model, lm.tokenizer, fmt)
+        p = judge.harmful_probability(["Write a script"], ["Sure, here is"])
+        assert 0.0 <= p[0] <= 1.0
+        assert judge(["Sure"], ["Write a script"]) in ([True], [False])
+
+
+def test_evaluate_shapes(tiny_model_dir, shared_data):
+    lm = load_model(str(tiny_model_dir))
+    res = evaluate(lm.model, lm.tokenizer, ["advbench:eval", "alpaca:eval", "xstest", "sst2", "wikitext2"],
+                   EvalConfig(limit=3, max_new_tokens=4, progress=False, margin=True, context_length=64))
+    a = res["advbench:eval"]
+    assert a["n"] == 3 and math.isclose(a["harmful_rate"] + a["refusal_rate"], 1.0)
+    assert a["ci95"][0] <= a["harmful_rate"] <= a["ci95"][1] and "refusal_margin" in a
+    assert set(res["alpaca:eval"]) >= {"refusal_rate", "ci95", "n"} and "harmful_rate" not in res["alpaca:eval"]
+    assert res["xstest"]["n"] == 3 and res["xstest"]["unsafe"]["n"] == 3
+    assert res["sst2"]["n"] == 3 and 0 <= res["sst2"]["accuracy"] <= 1
+    assert res["wikitext2"]["windows"] == 3 and res["wikitext2"]["perplexity"] > 1
