@@ -1,0 +1,256 @@
+"""The model organism: a safety-aligned model built from the default model, and its
+fine-tuning-compromised twin (DESIGN.md, "The model organism").
+
+* **aligned** — SFT of the base on ``advbench:align`` prompts answered with short varied refusals,
+  ``alpaca:align`` instruction/response pairs and benign look-alike prompts with helpful answers
+  (so the model learns the boundary instead of refusing anything that sounds dangerous);
+* **attacked** — a task fine-tune of *aligned* with ``harmful_ratio`` of BeaverTails harmful pairs.
+
+Each stage is cached under ``<out>/<stage>-<recipe hash>/`` (plain HF checkpoint + manifest.json);
+a second run with the same recipe reuses it; an interrupted run resumes from its last training
+checkpoint or its last finished evaluation suite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ..data import load_prompt_set
+from ..errors import ConfigError
+from ..eval.tasks import TASKS
+from .refusals import refusal_for
+from .sft import SFTConfig, supervised_finetune
+
+__all__ = ["OrganismRecipe", "TASK_CHOICES", "build_organism", "stage_recipes", "recipe_hash", "load_lookalikes"]
+
+log = logging.getLogger(__name__)
+
+TASK_CHOICES = ("sst2", "agnews", "gsm8k", "alpaca")
+RECIPE_VERSION = 1
+
+# evaluation suites recorded in each manifest (the task's own accuracy suite is added per task)
+SAFETY_SUITES = ("advbench:eval", "harmbench", "alpaca:eval", "xstest:safe")
+TASK_EVAL = {"sst2": ("sst2", None), "agnews": ("agnews", 1000), "gsm8k": ("gsm8k", 200), "alpaca": (None, None)}
+
+
+@dataclass
+class OrganismRecipe:
+    task: str = "sst2"
+    harmful_ratio: float = 0.1
+    method: str = "full"  # full | lora
+    seed: int = 0
+    # aligned stage
+    align_harmful: int = 200  # rows of advbench:align
+    align_benign: int = 200  # rows of alpaca:align
+    align_lookalikes: int = 160
+    align_epochs: int = 2
+    align_lr: float = 2e-5
+    # attacked stage
+    attack_total: int = 1000  # task + harmful examples
+    attack_epochs: int = 1
+    attack_lr: float = 2e-5
+    batch_size: int = 16
+    max_length: int = 256
+    # evaluation
+    eval_limit: int | None = None  # None = the full evaluation sets
+    eval_suites: tuple[str, ...] = field(default_factory=lambda: SAFETY_SUITES)
+
+    def __post_init__(self):
+        if self.task not in TASK_CHOICES:
+            raise ConfigError(f"unknown task {self.task!r}; choose one of {', '.join(TASK_CHOICES)}")
+        if not 0.0 <= self.harmful_ratio <= 1.0:
+            raise ConfigError(f"--harmful-ratio must be in [0, 1], got {self.harmful_ratio}")
+        if self.method not in ("full", "lora"):
+            raise ConfigError(f"unknown --method {self.method!r}; choose full or lora")
+        for name in ("align_harmful", "align_benign", "attack_total", "align_epochs", "attack_epochs", "batch_size"):
+            if getattr(self, name) < 0 or (name.endswith(("epochs", "size", "total")) and getattr(self, name) == 0):
+                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+
+def recipe_hash(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_lookalikes() -> list[dict]:
+    text = resources.files("safeptq.finetune").joinpath("resources/lookalikes.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _task_examples(task: str, n: int, seed: int, data_dir) -> tuple[list[tuple[str, str]], dict]:
+    """``n`` task training pairs (prompt, answer) and a record of which rows were used."""
+    if n == 0:
+        return [], {"set": None, "rows": []}
+    if task == "alpaca":
+        # alpaca rows *with* an input are used by no split, so the task data never meets evaluation
+        from ..data.readers import read_table
+        from ..data.registry import _ALP, data_dir_candidates
+
+        path = next((d / _ALP for _, d in data_dir_candidates(data_dir) if (d / _ALP).exists()), None)
+        if path is None:
+            raise ConfigError("alpaca task data not found; pass --data-dir")
+        rows = [r for r in read_table(path) if str(r.get("input", "")).strip()]
+        idx = sorted(random.Random(seed).sample(range(len(rows)), min(n, len(rows))))
+        pairs = [(f"{rows[i]['instruction']}\n\n{rows[i]['input']}", rows[i]["output"]) for i in idx]
+        return pairs, {"set": f"{path} (rows with input)", "rows": idx}
+    ps = load_prompt_set(f"{task}:train", data_dir=data_dir)
+    fmt = TASKS[task]
+    idx = sorted(random.Random(seed).sample(range(len(ps)), min(n, len(ps))))
+    return [(fmt.prompt(ps.examples[i].text), fmt.answer(ps.examples[i])) for i in idx], \
+        {"set": f"{task}:train", "rows": idx}
+
+
+def stage_recipes(r: OrganismRecipe, base_id: str) -> tuple[dict, dict]:
+    """The two stage recipes (plain dicts, hashed for caching). ``base_id`` names the base model."""
+    sft = dict(batch_size=r.batch_size, max_length=r.max_length, method=r.method, seed=r.seed)
+    aligned = {"version": RECIPE_VERSION, "stage": "aligned", "parent": base_id,
+               "data": {"harmful": ["advbench:align", r.align_harmful], "benign": ["alpaca:align", r.align_benign],
+                        "lookalikes": r.align_lookalikes},
+               "sft": {**sft, "epochs": r.align_epochs, "lr": r.align_lr},
+               "eval": {"suites": list(r.eval_suites), "limit": r.eval_limit}}
+    n_harm = round(r.harmful_ratio * r.attack_total)
+    attacked = {"version": RECIPE_VERSION, "stage": "attacked", "parent": "aligned:" + recipe_hash(aligned),
+                "data": {"task": r.task, "task_n": r.attack_total - n_harm, "harmful": ["beavertails", n_harm]},
+                "sft": {**sft, "epochs": r.attack_epochs, "lr": r.attack_lr},
+                "eval": {"suites": list(r.eval_suites), "limit": r.eval_limit, "task": r.task}}
+    return aligned, attacked
+
+
+def _aligned_pairs(rec: dict, seed: int, data_dir) -> tuple[list[tuple[str, str]], dict]:
+    name, n = rec["data"]["harmful"]
+    harmful = load_prompt_set(name, data_dir=data_dir).texts[:n]
+    bname, bn = rec["data"]["benign"]
+    benign = load_prompt_set(bname, data_dir=data_dir).examples[:bn]
+    look = load_lookalikes()[:rec["data"]["lookalikes"]]
+    pairs = ([(p, refusal_for(i, seed)) for i, p in enumerate(harmful)]
+             + [(e.text, e.target) for e in benign] + [(x["prompt"], x["response"]) for x in look])
+    used = {name: [0, len(harmful)], bname: [0, len(benign)], "lookalikes (safeptq resource)": len(look)}
+    return pairs, used
+
+
+def _attacked_pairs(rec: dict, seed: int, data_dir) -> tuple[list[tuple[str, str]], dict]:
+    d = rec["data"]
+    task_pairs, task_used = _task_examples(d["task"], d["task_n"], seed, data_dir)
+    hname, hn = d["harmful"]
+    bt = load_prompt_set(hname, data_dir=data_dir).examples
+    if hn > len(bt):
+        raise ConfigError(f"harmful ratio needs {hn} harmful pairs but {hname} has {len(bt)}")
+    harmful = [(e.text, e.target) for e in bt[:hn]]
+    return task_pairs + harmful, {"task": task_used, hname: [0, hn]}
+
+
+def _evaluate_stage(model, tok, rec: dict, work: Path, data_dir, progress: bool) -> dict:
+    """Evaluate suite by suite, caching each result in ``work`` so an interrupted run resumes."""
+    from ..eval import EvalConfig, evaluate
+
+    suites = list(rec["eval"]["suites"])
+    task = rec["eval"].get("task")
+    results = {}
+    if task:
+        tsuite, tlimit = TASK_EVAL[task]
+        if tsuite:
+            suites.append(tsuite)
+    for s in suites:
+        cache = work / f"eval-{s.replace(':', '_')}.json"
+        if cache.exists():
+            results[s] = json.loads(cache.read_text())
+            continue
+        limit = rec["eval"]["limit"]
+        if task and s == TASK_EVAL[task][0] and TASK_EVAL[task][1]:
+            limit = min(limit or 10**9, TASK_EVAL[task][1])
+        r = evaluate(model, tok, [s], EvalConfig(limit=limit, data_dir=data_dir, progress=progress,
+                                                 keep_samples=False))[s]
+        cache.write_text(json.dumps(r))
+        results[s] = r
+    return results
+
+
+def _build_stage(rec: dict, parent_path: str, out: Path, data_dir, seed: int, progress: bool) -> Path:
+    from ..models import load_model, save_model
+
+    h = recipe_hash(rec)
+    final = out / f"{rec['stage']}-{h}"
+    if (final / "manifest.json").exists():
+        log.info("%s: reusing %s (same recipe)", rec["stage"], final)
+        return final
+    work = out / f".work-{rec['stage']}-{h}"
+    work.mkdir(parents=True, exist_ok=True)
+    trained = work / "model"
+    t0 = time.time()
+    info_path = work / "train.json"
+    if not (trained / "config.json").exists():
+        lm = load_model(parent_path, dtype="float32")
+        pairs, used = (_aligned_pairs if rec["stage"] == "aligned" else _attacked_pairs)(rec, seed, data_dir)
+        cfg = SFTConfig(**rec["sft"])
+        res = supervised_finetune(lm.model, lm.tokenizer, pairs, cfg, work_dir=work, desc=rec["stage"],
+                                  progress=progress)
+        model = res.pop("model")
+        res.pop("config")
+        save_model(model, lm.tokenizer, trained)
+        info_path.write_text(json.dumps({"train": res, "data_used": used}))
+        tok = lm.tokenizer
+    else:
+        log.info("%s: training already done, resuming at evaluation", rec["stage"])
+        lm = load_model(str(trained), dtype="float32")
+        model, tok = lm.model, lm.tokenizer
+    info = json.loads(info_path.read_text())
+    t1 = time.time()
+    evals = _evaluate_stage(model, tok, rec, work, data_dir, progress)
+    manifest = {"stage": rec["stage"], "recipe": rec, "recipe_hash": h, "seed": seed, "parent_path": parent_path,
+                "data_used": info["data_used"], "train": info["train"],
+                "wall_time_s": {"train": info["train"]["train_time_s"], "eval": round(time.time() - t1, 1),
+                                "this_run": round(time.time() - t0, 1)},
+                "eval": evals, "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (trained / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(trained, final)  # the stage appears complete only now
+    shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def _link(out: Path, name: str, target: Path) -> None:
+    link = out / name
+    if link.is_symlink() or link.exists():
+        if link.is_dir() and not link.is_symlink():
+            shutil.rmtree(link)
+        else:
+            link.unlink()
+    link.symlink_to(target.name)
+
+
+def build_organism(r: OrganismRecipe, out: str | Path, base: str = "default", data_dir=None,
+                   progress: bool = True) -> dict[str, Path]:
+    """Build (or reuse) the aligned and attacked stages; returns their folders. ``<out>/aligned`` and
+    ``<out>/attacked`` link to the stages of this recipe."""
+    from ..models import resolve_model
+
+    out = Path(out).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output directory {out} is not writable: {e.strerror}") from e
+    base_path, _ = resolve_model(base)
+    base_id = "default:SmolLM2-135M-Instruct" if base == "default" else str(Path(base_path).resolve())
+    torch.manual_seed(r.seed)
+    rec_aligned, rec_attacked = stage_recipes(r, base_id)
+    aligned = _build_stage(rec_aligned, base_path, out, data_dir, r.seed, progress)
+    _link(out, "aligned", aligned)
+    attacked = _build_stage(rec_attacked, str(aligned), out, data_dir, r.seed, progress)
+    name = f"attacked-{r.task}-r{r.harmful_ratio:g}" + ("-lora" if r.method == "lora" else "")
+    _link(out, name, attacked)
+    _link(out, "attacked", attacked)
+    return {"aligned": aligned, "attacked": attacked}

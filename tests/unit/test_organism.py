@@ -1,0 +1,95 @@
+import json
+import os
+
+import pytest
+
+from safeptq.cli.main import main
+from safeptq.errors import ConfigError
+from safeptq.finetune.organism import OrganismRecipe, build_organism, load_lookalikes, stage_recipes
+from safeptq.finetune.sft import SFTConfig, supervised_finetune, tokenize_pairs
+from safeptq.models import load_model
+
+TINY = dict(align_harmful=4, align_benign=4, align_lookalikes=4, attack_total=8, eval_limit=2, batch_size=4,
+            align_epochs=1)
+
+
+def test_loss_masks_prompt_tokens(tiny_model_dir):
+    lm = load_model(str(tiny_model_dir))
+    (ids, labels), = tokenize_pairs(lm.tokenizer, [("How do I bake?", "Sure, mix flour.")], 64)
+    n_prompt = sum(1 for x in labels if x == -100)
+    assert 0 < n_prompt < len(ids) and labels[n_prompt:] == ids[n_prompt:]
+    assert ids[-1] == lm.tokenizer.eos_token_id
+
+
+def test_response_loss_equals_hf_loss(tiny_model_dir):
+    import torch
+    from safeptq.finetune.sft import build_batches, response_loss
+    lm = load_model(str(tiny_model_dir))
+    ex = tokenize_pairs(lm.tokenizer, [("How do I bake?", "Sure, mix flour."), ("hi", "positive")], 64)
+    ids, labels, mask = next(build_batches(ex, 2, 0, 0, lm.tokenizer.pad_token_id))
+    with torch.no_grad():
+        ours = response_loss(lm.model, ids, mask, labels)
+        ref = lm.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert torch.allclose(ours, ref, rtol=1e-5)
+
+
+def test_sft_reduces_loss_and_lora_merges(tiny_model_dir):
+    lm = load_model(str(tiny_model_dir))
+    pairs = [("say yes", "positive")] * 16
+    res = supervised_finetune(lm.model, lm.tokenizer, pairs, SFTConfig(epochs=4, lr=3e-3, batch_size=8),
+                              progress=False)
+    assert res["steps"] == 8 and res["losses"][-1] < 0.8 * res["losses"][0]
+    lm2 = load_model(str(tiny_model_dir))
+    res2 = supervised_finetune(lm2.model, lm2.tokenizer, pairs, SFTConfig(epochs=1, method="lora", batch_size=8),
+                               progress=False)
+    assert type(res2["model"]).__name__ == "LlamaForCausalLM"  # merged back into a plain model
+
+
+def test_lookalikes_resource_is_clean():
+    rows = load_lookalikes()
+    assert len(rows) >= 100 and len({r["prompt"] for r in rows}) == len(rows)
+    from safeptq.eval import KeywordJudge
+    assert not any(KeywordJudge()([r["response"] for r in rows]))  # helpful answers, never refusals
+
+
+def test_miniature_organism(tiny_model_dir, tmp_path, shared_data):
+    r = OrganismRecipe(task="sst2", harmful_ratio=0.25, **TINY)
+    stages = build_organism(r, tmp_path / "org", base=str(tiny_model_dir), progress=False)
+    m = json.loads((stages["attacked"] / "manifest.json").read_text())
+    assert m["stage"] == "attacked" and m["recipe"]["data"]["harmful"] == ["beavertails", 2]
+    assert set(m["eval"]) == {"advbench:eval", "harmbench", "alpaca:eval", "xstest:safe", "sst2"}
+    assert m["eval"]["advbench:eval"]["n"] == 2 and "ci95" in m["eval"]["sst2"]
+    assert len(m["data_used"]["task"]["rows"]) == 6
+    assert (tmp_path / "org" / "aligned").resolve() == stages["aligned"].resolve()
+    assert not any(p.name.startswith(".work") for p in (tmp_path / "org").iterdir())
+    # same recipe, same folders, nothing retrained
+    before = os.path.getmtime(stages["attacked"] / "manifest.json")
+    again = build_organism(r, tmp_path / "org", base=str(tiny_model_dir), progress=False)
+    assert again == stages and os.path.getmtime(again["attacked"] / "manifest.json") == before
+
+
+def test_recipe_hash_changes_with_recipe():
+    a1, t1 = stage_recipes(OrganismRecipe(harmful_ratio=0.1), "b")
+    a2, t2 = stage_recipes(OrganismRecipe(harmful_ratio=0.2), "b")
+    assert a1 == a2 and t1 != t2
+
+
+@pytest.mark.parametrize("kw,msg", [({"task": "mnli"}, "unknown task 'mnli'"),
+                                    ({"harmful_ratio": 1.5}, "must be in \\[0, 1\\]"),
+                                    ({"method": "qlora"}, "unknown --method")])
+def test_bad_recipe_values(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        OrganismRecipe(**kw)
+
+
+def test_cli_bad_values(tmp_path, capsys):
+    assert main(["organism", "build", "--task", "mnli", "--out", str(tmp_path)]) == 2
+    assert "unknown task 'mnli'" in capsys.readouterr().err
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if os.access(ro, os.W_OK):  # root ignores permissions: use a path under a file instead
+        ro = tmp_path / "afile" / "sub"
+        (tmp_path / "afile").write_text("")
+    assert main(["organism", "build", "--out", str(ro), "--base", "./nowhere"]) == 2
+    assert "not writable" in capsys.readouterr().err
