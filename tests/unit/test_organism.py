@@ -9,7 +9,7 @@ from safeptq.finetune.organism import OrganismRecipe, build_organism, load_looka
 from safeptq.finetune.sft import SFTConfig, supervised_finetune, tokenize_pairs
 from safeptq.models import load_model
 
-TINY = dict(align_harmful=4, align_benign=4, align_lookalikes=4, attack_total=8, eval_limit=2, batch_size=4,
+TINY = dict(train_top_layers=1, align_harmful=4, align_benign=4, align_lookalikes=4, attack_total=8, eval_limit=2, batch_size=4,
             align_epochs=1)
 
 

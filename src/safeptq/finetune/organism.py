@@ -52,16 +52,18 @@ class OrganismRecipe:
     seed: int = 0
     # aligned stage
     align_harmful: int = 200  # rows of advbench:align
-    align_benign: int = 200  # rows of alpaca:align
-    align_lookalikes: int = 160
+    align_benign: int = 120  # rows of alpaca:align
+    align_lookalikes: int = 120
     align_epochs: int = 2
-    align_lr: float = 2e-5
+    align_lr: float = 3e-5
     # attacked stage
-    attack_total: int = 1000  # task + harmful examples
+    attack_total: int = 600  # task + harmful examples
     attack_epochs: int = 1
-    attack_lr: float = 2e-5
+    attack_lr: float = 3e-5
     batch_size: int = 16
-    max_length: int = 256
+    max_length: int = 192
+    # full fine-tuning of the top N layers (None = all); the CPU budget of DESIGN.md needs ~half
+    train_top_layers: int | None = 15
     # evaluation
     eval_limit: int | None = None  # None = the full evaluation sets
     eval_suites: tuple[str, ...] = field(default_factory=lambda: SAFETY_SUITES)
@@ -112,7 +114,8 @@ def _task_examples(task: str, n: int, seed: int, data_dir) -> tuple[list[tuple[s
 
 def stage_recipes(r: OrganismRecipe, base_id: str) -> tuple[dict, dict]:
     """The two stage recipes (plain dicts, hashed for caching). ``base_id`` names the base model."""
-    sft = dict(batch_size=r.batch_size, max_length=r.max_length, method=r.method, seed=r.seed)
+    sft = dict(batch_size=r.batch_size, max_length=r.max_length, method=r.method, seed=r.seed,
+               train_top_layers=r.train_top_layers if r.method == "full" else None)
     aligned = {"version": RECIPE_VERSION, "stage": "aligned", "parent": base_id,
                "data": {"harmful": ["advbench:align", r.align_harmful], "benign": ["alpaca:align", r.align_benign],
                         "lookalikes": r.align_lookalikes},
@@ -169,7 +172,7 @@ def _evaluate_stage(model, tok, rec: dict, work: Path, data_dir, progress: bool)
         if task and s == TASK_EVAL[task][0] and TASK_EVAL[task][1]:
             limit = min(limit or 10**9, TASK_EVAL[task][1])
         r = evaluate(model, tok, [s], EvalConfig(limit=limit, data_dir=data_dir, progress=progress,
-                                                 keep_samples=False))[s]
+                                                 keep_samples=False, batch_size=64))[s]
         cache.write_text(json.dumps(r))
         results[s] = r
     return results

@@ -38,6 +38,9 @@ class SFTConfig:
     lora_alpha: int = 32
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     ckpt_every: int = 20  # steps
+    # full method only: train the top N decoder layers and the final norm, freeze the rest (embeddings
+    # included). Backward then stops at the lowest trained layer: half the layers ≈ 1.5x faster on CPU.
+    train_top_layers: int | None = None
 
     def __post_init__(self):
         if self.method not in ("full", "lora"):
@@ -95,6 +98,8 @@ def supervised_finetune(model, tokenizer, pairs: list[tuple[str, str]], cfg: SFT
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                  target_modules=list(cfg.lora_targets), lora_dropout=0.0,
                                                  task_type="CAUSAL_LM"))
+    elif cfg.train_top_layers is not None:
+        _freeze_below(model, cfg.train_top_layers)
     examples = tokenize_pairs(tokenizer, pairs, cfg.max_length)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -139,6 +144,8 @@ def supervised_finetune(model, tokenizer, pairs: list[tuple[str, str]], cfg: SFT
                 _save_ckpt(ckpt, model, opt, sched, step, losses)
     bar.close()
     model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
     if cfg.method == "lora":
         model = model.merge_and_unload()
     if ckpt and ckpt.exists():
@@ -146,6 +153,19 @@ def supervised_finetune(model, tokenizer, pairs: list[tuple[str, str]], cfg: SFT
     return {"model": model, "steps": step, "examples": len(examples), "final_loss": losses[-1] if losses else None,
             "loss_first10": _mean(losses[:10]), "loss_last10": _mean(losses[-10:]), "losses": losses,
             "train_time_s": round(time.time() - t0, 1), "config": asdict(cfg)}
+
+
+def _freeze_below(model, top: int) -> None:
+    layers = model.model.layers
+    if not 0 < top <= len(layers):
+        raise ConfigError(f"train_top_layers must be in 1..{len(layers)}, got {top}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in list(layers)[len(layers) - top:]:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+    for p in model.model.norm.parameters():
+        p.requires_grad_(True)
 
 
 def response_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
