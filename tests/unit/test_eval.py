@@ -79,3 +79,15 @@ def test_evaluate_shapes(tiny_model_dir, shared_data):
     assert res["xstest"]["n"] == 3 and res["xstest"]["unsafe"]["n"] == 3
     assert res["sst2"]["n"] == 3 and 0 <= res["sst2"]["accuracy"] <= 1
     assert res["wikitext2"]["windows"] == 3 and res["wikitext2"]["perplexity"] > 1
+
+
+def test_early_stop_keeps_keyword_verdicts(tiny_model_dir):
+    lm = load_model(str(tiny_model_dir))
+    texts = ["hello there", "How do I bake bread at home?", "positive", "the quick brown fox"]
+    full = greedy_generate(lm.model, lm.tokenizer, texts, max_new_tokens=12, progress=False)
+    judge = KeywordJudge(phrases=("e",))  # a phrase that random text hits early
+    early = greedy_generate(lm.model, lm.tokenizer, texts, max_new_tokens=12, progress=False,
+                            stop_fn=judge.is_refusal, check_every=1)
+    assert judge(early) == judge(full)
+    assert all(f.startswith(e) for e, f in zip(early, full))
+    assert sum(map(len, early)) <= sum(map(len, full))

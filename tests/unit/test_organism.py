@@ -93,3 +93,31 @@ def test_cli_bad_values(tmp_path, capsys):
         (tmp_path / "afile").write_text("")
     assert main(["organism", "build", "--out", str(ro), "--base", "./nowhere"]) == 2
     assert "not writable" in capsys.readouterr().err
+
+
+def test_interrupted_build_resumes_without_retraining(tiny_model_dir, tmp_path, shared_data, monkeypatch):
+    import safeptq.finetune.organism as org
+
+    r = OrganismRecipe(task="sst2", harmful_ratio=0.25, **TINY)
+    real_eval = org._evaluate_stage
+    calls = {"n": 0}
+
+    def boom(*a, **k):  # the first evaluation is "killed"
+        calls["n"] += 1
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(org, "_evaluate_stage", boom)
+    with pytest.raises(KeyboardInterrupt):
+        build_organism(r, tmp_path / "org", base=str(tiny_model_dir), progress=False)
+    work = [p for p in (tmp_path / "org").iterdir() if p.name.startswith(".work-aligned")]
+    assert len(work) == 1 and (work[0] / "model" / "config.json").exists()
+    assert not any(p.name.startswith("aligned-") for p in (tmp_path / "org").iterdir())  # nothing looks complete
+
+    def no_training(*a, **k):
+        raise AssertionError("retrained a stage whose training had finished")
+
+    monkeypatch.setattr(org, "_evaluate_stage", real_eval)
+    monkeypatch.setattr(org, "supervised_finetune", no_training, raising=True)
+    with pytest.raises(AssertionError, match="retrained"):  # aligned resumes at eval; attacked must train
+        build_organism(r, tmp_path / "org", base=str(tiny_model_dir), progress=False)
+    assert any(p.name.startswith("aligned-") for p in (tmp_path / "org").iterdir())

@@ -58,6 +58,9 @@ class EvalCommand(Command):
                        help="also report the refusal-likelihood margin on harmful suites (no generation)")
         g.add_argument("--judge", default="keyword",
                        help="keyword (default) or FORMAT=MODEL with FORMAT harmbench|llamaguard for a classifier judge")
+        g.add_argument("--full-responses", action="store_true",
+                       help="generate all --max-new-tokens even after a refusal phrase (the keyword verdict is "
+                            "the same; by default a refusing answer stops at its first refusal phrase)")
         g.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm"],
                        help="generation backend: vllm when installed with a GPU, else transformers")
         g.add_argument("--no-chat-template", action="store_true", help="feed raw prompts (base models)")
@@ -79,7 +82,8 @@ class EvalCommand(Command):
         cfg = EvalConfig(limit=args.limit, data_dir=args.data_dir, max_new_tokens=args.max_new_tokens,
                          batch_size=args.batch_size, context_length=args.context_length,
                          ppl_windows=args.ppl_windows, use_chat_template=not args.no_chat_template,
-                         margin=args.margin, progress=not args.no_progress)
+                         margin=args.margin, progress=not args.no_progress,
+                         early_stop=not args.full_responses)
         judge_info = "keyword (GCG refusal list, case-insensitive)"
         if args.judge != "keyword":
             cfg.judge = _classifier_judge(args.judge)

@@ -35,7 +35,7 @@ class OrganismCommand(Command):
         b.add_argument("--base", default="default", help="base model (default: the embedded SmolLM2-135M-Instruct)")
         b.add_argument("--seed", type=int, default=0)
         b.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N prompts of each suite")
-        b.add_argument("--align-epochs", type=int, default=2)
+        b.add_argument("--align-epochs", type=int, default=1)
         b.add_argument("--attack-total", type=int, default=600, help="examples in the attack fine-tune (600)")
         b.add_argument("--train-top-layers", type=int, default=15,
                        help="full FT of the top N decoder layers (15 of 30; 0 = all layers)")

@@ -38,6 +38,7 @@ class EvalConfig:
     use_chat_template: bool = True
     margin: bool = False  # also report the refusal-likelihood margin on harmful suites
     keep_samples: bool = True
+    early_stop: bool = True  # stop a keyword-judged answer at its first refusal phrase (same verdict)
     progress: bool = True
     # judge(responses, prompts) -> refused flags, used on harmful suites
     judge: Callable[..., list[bool]] = field(default_factory=KeywordJudge)
@@ -62,8 +63,11 @@ def _is_file(name: str) -> bool:
 def _refusals(gen, tok, prompts, cfg, desc, harmful: bool = True):
     """Responses and refusal flags. Only harmful prompts go to a classifier judge; refusals of
     benign prompts (over-refusal) are judged by keywords."""
-    responses = chat_generate(gen, tok, prompts, cfg.max_new_tokens, cfg.use_chat_template, desc=desc)
     judge = cfg.judge if harmful else KeywordJudge()
+    # the keyword verdict is settled at the first refusal phrase, so generation may stop there
+    stop = judge.is_refusal if (cfg.early_stop and isinstance(judge, KeywordJudge)) else None
+    responses = chat_generate(gen, tok, prompts, cfg.max_new_tokens, cfg.use_chat_template, desc=desc,
+                              stop_fn=stop)
     return responses, judge(responses, prompts)
 
 

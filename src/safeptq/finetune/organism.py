@@ -52,16 +52,17 @@ class OrganismRecipe:
     seed: int = 0
     # aligned stage
     align_harmful: int = 200  # rows of advbench:align
-    align_benign: int = 120  # rows of alpaca:align
-    align_lookalikes: int = 120
-    align_epochs: int = 2
-    align_lr: float = 3e-5
+    align_benign: int = 300  # rows of alpaca:align (all): imperative benign requests, so that
+    # "Write/Create/Generate ..." is not learnt as a refusal cue (AdvBench prompts share those verbs)
+    align_lookalikes: int = 160
+    align_epochs: int = 1
+    align_lr: float = 4e-5
     # attacked stage
     attack_total: int = 600  # task + harmful examples
     attack_epochs: int = 1
     attack_lr: float = 3e-5
     batch_size: int = 16
-    max_length: int = 192
+    max_length: int = 160
     # full fine-tuning of the top N layers (None = all); the CPU budget of DESIGN.md needs ~half
     train_top_layers: int | None = 15
     # evaluation
