@@ -51,12 +51,12 @@ class OrganismRecipe:
     method: str = "full"  # full | lora
     seed: int = 0
     # aligned stage
-    align_harmful: int = 200  # rows of advbench:align
+    align_harmful: int = 100  # first rows of advbench:align; more made the model refuse benign imperatives
     align_benign: int = 300  # rows of alpaca:align (all): imperative benign requests, so that
     # "Write/Create/Generate ..." is not learnt as a refusal cue (AdvBench prompts share those verbs)
     align_lookalikes: int = 160
     align_epochs: int = 1
-    align_lr: float = 4e-5
+    align_lr: float = 3e-5
     # attacked stage
     attack_total: int = 600  # task + harmful examples
     attack_epochs: int = 1
