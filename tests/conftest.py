@@ -65,12 +65,6 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(autouse=True)
-def _isolated_home(tmp_path_factory, monkeypatch):
-    """Keep tests from writing into the user's cache, except the shared default-model cache."""
-    if "SAFEPTQ_HOME" not in os.environ:
-        monkeypatch.setenv("SAFEPTQ_HOME", str(Path.home() / ".cache" / "safeptq"))
-    yield
 
 
 CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}"

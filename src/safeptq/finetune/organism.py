@@ -51,7 +51,7 @@ class OrganismRecipe:
     method: str = "full"  # full | lora
     seed: int = 0
     # aligned stage
-    align_harmful: int = 100  # first rows of advbench:align; more made the model refuse benign imperatives
+    align_harmful: int = 150  # first rows of advbench:align: 200 over-refused benign imperatives, 100 under-refused
     align_benign: int = 300  # rows of alpaca:align (all): imperative benign requests, so that
     # "Write/Create/Generate ..." is not learnt as a refusal cue (AdvBench prompts share those verbs)
     align_lookalikes: int = 160
