@@ -141,10 +141,6 @@ def _wikitext(rows, path):
     return [Example(text=text)]
 
 
-def _donotanswer(rows, path):
-    raise AssertionError("handled by _load_local")  # several files; see _load_local
-
-
 # ---------------------------------------------------------------- the named sets
 
 _ADV = "advbench/harmful_behaviors.csv"
@@ -174,7 +170,7 @@ register(PromptSetSpec("xstest:safe", "benign", "xstest/xstest_prompts.csv", _xs
                        "XSTest safe prompts (refusing them is over-refusal)", _xs_hub))
 register(PromptSetSpec("xstest:unsafe", "harmful", "xstest/xstest_prompts.csv", _xstest("unsafe"), None,
                        "XSTest unsafe contrast prompts", _xs_hub))
-register(PromptSetSpec("donotanswer", "harmful", "donotanswer", _donotanswer, None,
+register(PromptSetSpec("donotanswer", "harmful", "donotanswer", _col("prompt"), None,
                        "Do-Not-Answer, five risk areas (939)",
                        HubSource("LibrAI/do-not-answer", None, "train",
                                  lambda rs: [{"prompt": r["question"]} for r in rs])))
@@ -253,13 +249,13 @@ def _hub_online() -> bool:
 
 
 def _load_local(spec: PromptSetSpec, path: Path) -> list[Example]:
-    if spec.name == "donotanswer":
+    if path.is_dir():  # a folder of .jsonl parts (Do-Not-Answer's risk areas)
         files = sorted(path.glob("*.jsonl"))
         if not files:
             raise DataError(f"{path} holds no .jsonl files")
         ex: list[Example] = []
         for f in files:
-            ex += [Example(text=e.text, meta={"area": f.stem}) for e in _col("prompt")(read_table(f), f)]
+            ex += [Example(text=e.text, target=e.target, meta={"part": f.stem}) for e in spec.parse(read_table(f), f)]
         return ex
     if spec.kind == "text":
         return spec.parse([], path)
