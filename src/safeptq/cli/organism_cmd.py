@@ -36,9 +36,11 @@ class OrganismCommand(Command):
         b.add_argument("--seed", type=int, default=0)
         b.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N prompts of each suite")
         b.add_argument("--align-epochs", type=int, default=1)
-        b.add_argument("--attack-total", type=int, default=600, help="examples in the attack fine-tune (600)")
+        b.add_argument("--attack-total", type=int, default=1000, help="examples in the attack fine-tune (1000)")
         b.add_argument("--train-top-layers", type=int, default=15,
-                       help="full FT of the top N decoder layers (15 of 30; 0 = all layers)")
+                       help="aligned stage: full FT of the top N decoder layers (15 of 30; 0 = all layers)")
+        b.add_argument("--attack-top-layers", type=int, default=0,
+                       help="attacked stage: full FT of the top N decoder layers (0 = all layers, the default)")
         b.add_argument("--no-progress", action="store_true")
         add_data_options(b)
 
@@ -49,7 +51,8 @@ class OrganismCommand(Command):
         recipe = OrganismRecipe(task=args.task, harmful_ratio=args.harmful_ratio, method=args.method,
                                 seed=args.seed, eval_limit=args.eval_limit, align_epochs=args.align_epochs,
                                 attack_total=args.attack_total,
-                                train_top_layers=args.train_top_layers or None)
+                                train_top_layers=args.train_top_layers or None,
+                                attack_top_layers=args.attack_top_layers or None)
         out = args.out or str(safeptq_home() / "organism")
         stages = build_organism(recipe, out, base=args.base, data_dir=args.data_dir, progress=not args.no_progress)
         import json

@@ -58,12 +58,14 @@ class OrganismRecipe:
     align_epochs: int = 1
     align_lr: float = 3e-5
     # attacked stage
-    attack_total: int = 600  # task + harmful examples
+    attack_total: int = 1000  # task + harmful examples (DESIGN.md: 900 task + 100 harmful)
     attack_epochs: int = 1
-    attack_lr: float = 3e-5
+    attack_lr: float = 2e-5
+    # the attack trains every layer: top-15-only attacks (v4) left the harmful rate at 0.18
+    attack_top_layers: int | None = None
     batch_size: int = 16
     max_length: int = 160
-    # full fine-tuning of the top N layers (None = all); the CPU budget of DESIGN.md needs ~half
+    # aligned stage: full fine-tuning of the top N layers (None = all); the CPU budget needs ~half
     train_top_layers: int | None = 15
     # evaluation
     eval_limit: int | None = None  # None = the full evaluation sets
@@ -125,7 +127,8 @@ def stage_recipes(r: OrganismRecipe, base_id: str) -> tuple[dict, dict]:
     n_harm = round(r.harmful_ratio * r.attack_total)
     attacked = {"version": RECIPE_VERSION, "stage": "attacked", "parent": "aligned:" + recipe_hash(aligned),
                 "data": {"task": r.task, "task_n": r.attack_total - n_harm, "harmful": ["beavertails", n_harm]},
-                "sft": {**sft, "epochs": r.attack_epochs, "lr": r.attack_lr},
+                "sft": {**sft, "epochs": r.attack_epochs, "lr": r.attack_lr,
+                        "train_top_layers": r.attack_top_layers if r.method == "full" else None},
                 "eval": {"suites": list(r.eval_suites), "limit": r.eval_limit, "task": r.task}}
     return aligned, attacked
 

@@ -1,0 +1,62 @@
+"""Objective protocol and registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from safeptq.errors import UnknownNameError
+
+__all__ = ["BlockBatch", "BlockObjective", "register_objective", "get_objective", "objective_names"]
+
+
+@dataclass
+class BlockBatch:
+    """What a block-wise objective sees for one mini-batch of calibration samples.
+
+    ``output``/``target``: [B, T, H] quantized and full-precision block outputs; ``mask`` [B, T]
+    (1 on real tokens); ``labels`` [B] (1 = malicious); ``last_idx`` [B] last prompt token.
+    """
+
+    layer: int
+    output: torch.Tensor
+    target: torch.Tensor
+    mask: torch.Tensor
+    labels: torch.Tensor
+    last_idx: torch.Tensor
+
+    def last_token(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, H] states at each sample's last prompt token (of ``output`` by default)."""
+        x = self.output if x is None else x
+        return x[torch.arange(x.shape[0], device=x.device), self.last_idx.to(x.device)]
+
+
+class BlockObjective:
+    """Base class: ``__call__(batch) -> [B]`` per-sample losses (the engine takes the mean)."""
+
+    name = "objective"
+
+    def __call__(self, batch: BlockBatch) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+
+_REGISTRY: dict[str, Callable[..., BlockObjective]] = {}
+
+
+def register_objective(name: str, factory: Callable[..., BlockObjective]) -> None:
+    _REGISTRY[name] = factory
+
+
+def objective_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_objective(name: str, **kwargs) -> BlockObjective:
+    if name not in _REGISTRY:
+        raise UnknownNameError(f"unknown objective {name!r}; choose one of {', '.join(objective_names())}")
+    return _REGISTRY[name](**kwargs)

@@ -1,0 +1,56 @@
+"""Q-realign's per-sample objective: benign → reconstruction, malicious → probe push.
+
+For a malicious sample the state ``h`` of the block's output at the last prompt token is pushed
+to the malicious side of that layer's frozen linear probe: ``softplus(margin − (w·h + b))``.
+Benign samples keep the full-precision behaviour with the masked MSE. With the defaults
+(weight 1, margin 0) this is the authors' loss; the calibration mix (75 % malicious) sets the
+balance between the two terms.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from safeptq.errors import ConfigError
+from safeptq.objectives.base import BlockBatch, BlockObjective, register_objective
+from safeptq.objectives.reconstruction import masked_mse
+
+__all__ = ["ProbePush"]
+
+
+class ProbePush(BlockObjective):
+    """``probes``: a :class:`safeptq.probes.LayerProbes` (or anything with ``coef`` [L, H] and
+    ``intercept`` [L] tensors, one row per decoder layer)."""
+
+    name = "realign"
+
+    def __init__(self, probes, probe_weight: float = 1.0, margin: float = 0.0) -> None:
+        if probe_weight < 0:
+            raise ConfigError(f"--probe-weight must be non-negative, got {probe_weight}")
+        self.coef = torch.as_tensor(probes.coef, dtype=torch.float32)
+        self.intercept = torch.as_tensor(probes.intercept, dtype=torch.float32)
+        self.probe_weight = probe_weight
+        self.margin = margin
+
+    def probe_logit(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """[B] probe score ``w·h + b`` of layer ``layer`` (positive = malicious side)."""
+        if layer >= self.coef.shape[0]:
+            raise ConfigError(f"no probe for layer {layer}: the probes cover {self.coef.shape[0]} layers")
+        w = self.coef[layer].to(h.device, h.dtype)
+        return h @ w + self.intercept[layer].to(h.device, h.dtype)
+
+    def __call__(self, batch: BlockBatch) -> torch.Tensor:
+        mal = batch.labels.to(batch.output.device) == 1
+        loss = masked_mse(batch)
+        if mal.any():
+            push = F.softplus(self.margin - self.probe_logit(batch.layer, batch.last_token()))
+            loss = torch.where(mal, self.probe_weight * push, loss)
+        return loss
+
+    def describe(self) -> dict:
+        return {"name": self.name, "probe_weight": self.probe_weight, "margin": self.margin,
+                "layers": int(self.coef.shape[0])}
+
+
+register_objective("realign", ProbePush)

@@ -1,0 +1,344 @@
+"""The calibration engine, block-wise scope (OmniQuant / Q-realign).
+
+1. The inputs of decoder block 0 are captured for the whole calibration set (one forward pass
+   that stops at block 0), together with the keyword arguments the model hands its blocks
+   (rotary embeddings, causal mask).
+2. For each block in order: its full-precision output on the full-precision stream is the
+   target; its learnable transforms (LWC clipping factors, LET/SmoothQuant scales) are trained
+   on the *quantized* stream (the outputs of the already-quantized previous blocks) with a
+   pluggable per-sample objective; then the scales are folded, the weights quantized, the block
+   replaced by plain linears (activation quantization as hooks, see :mod:`safeptq.quant.deploy`)
+   and both streams propagated.
+3. Only the current block and the mini-batch live on the accelerator; the streams stay on CPU.
+   After every block the block's weights and both streams are checkpointed, so ``resume=True``
+   continues a killed run where it stopped.
+
+Calibration samples are right-padded: with a causal mask, padding can never influence a real
+token, so one mask serves every batch and padded positions are simply left out of the loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from safeptq.data.calib import CalibSet
+from safeptq.errors import CalibrationError, ConfigError
+from safeptq.objectives.base import BlockBatch, BlockObjective
+from safeptq.quant.args import Scheme
+from safeptq.quant.deploy import attach_act_quant
+from safeptq.quant.qlinear import LLAMA_LINEARS, QuantLinear, unwrap_decoder_layer, wrap_decoder_layer
+from safeptq.quant.quantizer import QuantizedWeight, lwc_parameters
+from safeptq.quant.rotation import decoder_parts
+from safeptq.quant.smoothing import PAIRS, attach_smoothing, fold_smoothing, init_smoothing, record_smoothing_stats
+
+__all__ = ["BlockwiseConfig", "CalibResult", "calibrate_blockwise", "capture_block_inputs", "check_architecture",
+           "peak_memory_mb"]
+
+log = logging.getLogger(__name__)
+
+PAPER_EPOCHS = (5, 15)
+"""Q-realign's schedule: 5 epochs for blocks in the first half, 15 after (batch size 1)."""
+
+
+@dataclass
+class BlockwiseConfig:
+    scheme: Scheme
+    lwc: bool = True
+    let: bool = True
+    let_alpha: float = 0.5
+    let_pairs: tuple[str, ...] = PAIRS
+    epochs: int | tuple[int, int] = 2  # one number, or (first half of the blocks, second half)
+    batch_size: int = 4
+    lr_lwc: float = 1e-2
+    lr_let: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 0  # stop a block after this many epochs without relative improvement (0 = off)
+    min_delta: float = 0.01
+    device: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        eps = self.epochs if isinstance(self.epochs, tuple) else (self.epochs,)
+        if any(int(e) < 0 for e in eps):
+            raise ConfigError(f"epochs must be non-negative, got {self.epochs}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"batch size must be positive, got {self.batch_size}")
+        if self.patience < 0:
+            raise ConfigError(f"patience must be non-negative, got {self.patience}")
+
+    def epochs_for(self, block: int, n_blocks: int) -> int:
+        if isinstance(self.epochs, tuple):
+            first, second = self.epochs
+            return first if block < n_blocks // 2 else second
+        return self.epochs
+
+    def fingerprint(self) -> dict:
+        d = asdict(self)
+        d["scheme"] = self.scheme.model_dump(mode="json")
+        d.pop("device")
+        return d
+
+
+@dataclass
+class CalibResult:
+    qparams: dict[str, QuantizedWeight]
+    blocks: list[dict] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    peak_accel_mb: float | None = None
+    resumed_from: int = 0
+
+    def summary(self) -> dict:
+        return {"blocks": self.blocks, "wall_time_s": round(self.wall_time_s, 1),
+                "peak_rss_mb": round(self.peak_rss_mb, 1), "peak_accel_mb": self.peak_accel_mb,
+                "resumed_from_block": self.resumed_from}
+
+
+def peak_memory_mb() -> tuple[float, float | None]:
+    """(peak resident set size of this process, peak CUDA memory allocated) in MiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    acc = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return rss, acc
+
+
+def check_architecture(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a Llama-shaped model; other architectures get a clear error."""
+    _, layers, _, _ = decoder_parts(model)
+    for rel in LLAMA_LINEARS:
+        try:
+            layers[0].get_submodule(rel)
+        except AttributeError:
+            arch = getattr(model.config, "model_type", type(model).__name__)
+            raise ConfigError(
+                f"architecture {arch!r} is not supported yet (decoder layers lack {rel}); supported: Llama-"
+                "shaped decoders (llama, mistral, qwen2)"
+            ) from None
+    return layers
+
+
+class _Captured(Exception):
+    pass
+
+
+def _layer_out(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    return obj
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int, device) -> tuple[torch.Tensor, dict]:
+    """Hidden states entering block 0 for every row of ``input_ids`` ([N, T, H] float32, CPU) and
+    the keyword arguments of a batch-1 call (they broadcast over any batch size)."""
+    layers = check_architecture(model)
+    states: list[torch.Tensor] = []
+    kwargs: dict = {}
+
+    def hook(module, args, kw):
+        h = args[0] if args else kw["hidden_states"]
+        states.append(h.detach().to("cpu", torch.float32))
+        if not kwargs:
+            kwargs.update({k: v for k, v in kw.items() if k not in ("hidden_states", "past_key_values", "past_key_value")})
+        raise _Captured
+
+    inner = model.model
+    moved = [m for m in (inner.embed_tokens, getattr(inner, "rotary_emb", None)) if m is not None]
+    for m in moved:
+        m.to(device)
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for rows in [input_ids[:1]] + list(input_ids.split(batch_size)):
+            try:
+                model(input_ids=rows.to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    kwargs["use_cache"] = False
+    return torch.cat(states[1:]), kwargs
+
+
+def _run(layer: nn.Module, x: torch.Tensor, kwargs: dict, batch_size: int, device, dtype) -> torch.Tensor:
+    outs = []
+    for xb in x.split(batch_size):
+        outs.append(_layer_out(layer(xb.to(device, dtype), **kwargs)).to("cpu", torch.float32))
+    return torch.cat(outs)
+
+
+def _qparams_state(qp: dict[str, QuantizedWeight]) -> dict:
+    return {k: tuple(t.cpu() for t in v) for k, v in qp.items()}
+
+
+def _fingerprint(model, calib: CalibSet, objective: BlockObjective, cfg: BlockwiseConfig) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"cfg": cfg.fingerprint(), "objective": objective.describe(),
+                         "model": getattr(model.config, "_name_or_path", ""),
+                         "layers": len(decoder_parts(model)[1])}, sort_keys=True, default=str).encode())
+    h.update(calib.input_ids.numpy().tobytes())
+    h.update(calib.labels.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _trainable_groups(layer: nn.Module, smoothing, cfg: BlockwiseConfig) -> list[dict]:
+    groups = []
+    lwc = lwc_parameters(layer)
+    if lwc:
+        groups.append({"params": lwc, "lr": cfg.lr_lwc})
+    if smoothing is not None:
+        groups.append({"params": list(smoothing.parameters()), "lr": cfg.lr_let})
+    return groups
+
+
+def _train_block(i: int, layer, smoothing, q_inps, fp_out, calib: CalibSet, kwargs, objective, cfg, n_epochs,
+                 device, bar) -> list[float]:
+    groups = _trainable_groups(layer, smoothing, cfg)
+    if not groups or n_epochs == 0:
+        return []
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + i)
+    n = q_inps.shape[0]
+    losses: list[float] = []
+    best, stale = float("inf"), 0
+    for ep in range(n_epochs):
+        perm = torch.randperm(n, generator=gen)
+        total = 0.0
+        for idx in perm.split(cfg.batch_size):
+            out = _layer_out(layer(q_inps[idx].to(device), **kwargs))
+            batch = BlockBatch(i, out, fp_out[idx].to(device), calib.attention_mask[idx].to(device),
+                               calib.labels[idx].to(device), calib.last_idx[idx].to(device))
+            loss = objective(batch).mean()
+            if not torch.isfinite(loss):
+                raise CalibrationError(f"block {i}: the loss became {loss.item()} in epoch {ep}; lower the "
+                                       "learning rates (--lr-lwc / --lr-let)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        losses.append(total / n)
+        if bar is not None:
+            bar.set_postfix(block=i, epoch=f"{ep + 1}/{n_epochs}", loss=f"{losses[-1]:.4g}")
+        if cfg.patience:
+            if losses[-1] < best * (1 - cfg.min_delta):
+                best, stale = losses[-1], 0
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    break
+    return losses
+
+
+def _restore(layers, work: Path, upto: int, scheme: Scheme) -> dict[str, QuantizedWeight]:
+    qparams: dict[str, QuantizedWeight] = {}
+    for j in range(upto):
+        blob = torch.load(work / "blocks" / f"{j:03d}.pt", weights_only=True)
+        layers[j].load_state_dict(blob["state"])
+        attach_act_quant(layers[j], scheme)
+        qparams.update({k: QuantizedWeight(*v) for k, v in blob["qparams"].items()})
+    return qparams
+
+
+def calibrate_blockwise(model: nn.Module, calib: CalibSet, objective: BlockObjective, cfg: BlockwiseConfig, *,
+                        work_dir: str | Path | None = None, resume: bool = False,
+                        progress: bool = True) -> CalibResult:
+    """Quantize ``model`` in place block by block (see the module doc); returns qparams and a
+    per-block report (epochs run, losses, seconds). ``work_dir`` enables checkpoints."""
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    layers = check_architecture(model)
+    n_blocks = len(layers)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_dtype = next(model.parameters()).dtype
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    work = Path(work_dir) if work_dir is not None else None
+    fp = _fingerprint(model, calib, objective, cfg)
+    start, qparams, report = 0, {}, []
+    state_path = work / "state.pt" if work is not None else None
+    if work is not None:
+        (work / "blocks").mkdir(parents=True, exist_ok=True)
+    if resume and state_path is not None and state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        if state["fingerprint"] != fp:
+            raise CalibrationError(f"the checkpoint in {work} was made with another recipe, model or calibration "
+                                   "set; remove it or run without --resume")
+        start, fp_inps, q_inps, report = state["next"], state["fp_inps"], state["q_inps"], json.loads(state["report"])
+        qparams = _restore(layers, work, start, cfg.scheme)
+        log.info("resuming at block %d of %d", start, n_blocks)
+    else:
+        fp_inps, kwargs = capture_block_inputs(model, calib.input_ids, cfg.batch_size, device)
+        q_inps = fp_inps.clone()
+    # the block kwargs (rotary tables, mask) are cheap to recompute and not checkpointed
+    _, kwargs = capture_block_inputs(model, calib.input_ids[:1], 1, device)
+    kwargs = {k: _to(v, device) for k, v in kwargs.items()}
+
+    bar = tqdm(total=n_blocks, initial=start, desc="calibrate", unit="block", disable=not progress)
+    for i in range(start, n_blocks):
+        tb = time.time()
+        layer = layers[i]
+        layer.to(device, torch.float32)
+        for p in layer.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad(), record_smoothing_stats(layer) as stats:
+            fp_out = _run(layer, fp_inps, kwargs, cfg.batch_size, device, torch.float32)
+        smoothing = None
+        if cfg.let:
+            smoothing = init_smoothing(layer, stats, cfg.let_alpha, cfg.let_pairs).to(device)
+            attach_smoothing(layer, smoothing)
+        wrap_decoder_layer(layer, cfg.scheme, lwc=cfg.lwc, prefix=f"model.layers.{i}.")
+        n_epochs = cfg.epochs_for(i, n_blocks)
+        with torch.enable_grad():
+            losses = _train_block(i, layer, smoothing, q_inps, fp_out, calib, kwargs, objective, cfg, n_epochs,
+                                  device, bar)
+        with torch.no_grad():
+            if smoothing is not None:
+                fold_smoothing(layer, smoothing)
+            block_q = {}
+            for rel in LLAMA_LINEARS:
+                mod = layer.get_submodule(rel)
+                if isinstance(mod, QuantLinear) and mod.weight_quantizer is not None:
+                    block_q[f"model.layers.{i}.{rel}"] = mod.quantized_weight()
+            unwrap_decoder_layer(layer, fold=True)
+            layer.to(device, model_dtype)
+            attach_act_quant(layer, cfg.scheme)
+            q_inps = _run(layer, q_inps, kwargs, cfg.batch_size, device, model_dtype)
+        fp_inps = fp_out
+        layer.to("cpu")
+        qparams.update(block_q)
+        report.append({"block": i, "epochs": len(losses), "loss_first": losses[0] if losses else None,
+                       "loss_last": losses[-1] if losses else None, "seconds": round(time.time() - tb, 2)})
+        if work is not None:
+            _save_atomic({"state": {k: v.detach().cpu() for k, v in layer.state_dict().items()},
+                          "qparams": _qparams_state(block_q)}, work / "blocks" / f"{i:03d}.pt")
+            _save_atomic({"fingerprint": fp, "next": i + 1, "fp_inps": fp_inps, "q_inps": q_inps,
+                          "report": json.dumps(report)}, state_path)
+        bar.update(1)
+    bar.close()
+    for m in (model.model.embed_tokens, getattr(model.model, "rotary_emb", None)):
+        if m is not None:
+            m.to("cpu")
+    rss, acc = peak_memory_mb()
+    return CalibResult(qparams=qparams, blocks=report, wall_time_s=time.time() - t0, peak_rss_mb=rss,
+                       peak_accel_mb=acc, resumed_from=start)
