@@ -211,9 +211,28 @@ def load_model(spec: str, dtype: str | torch.dtype | None = "auto", device: str 
     except OSError as e:
         raise ModelError(f"cannot load model {spec}: {str(e).splitlines()[0]}") from e
     model.to(dev).eval()
+    _simulate_stored_activation_quant(model, path)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return LoadedModel(model=model, tokenizer=tok, path=path)
+
+
+def _simulate_stored_activation_quant(model, path: str) -> None:
+    """A dense fake-quant export (W4A4, KV4: no serving format) stores weights only; put back the
+    dynamic activation / KV quantization its side file names, so evaluation sees the scheme."""
+    side = Path(path) / "safeptq_quant.json"
+    if not side.is_file():
+        return
+    info = json.loads(side.read_text())
+    if not info.get("fake_quant"):
+        return  # compressed-tensors checkpoints quantize activations themselves
+    from .quant.args import Scheme
+    from .quant.deploy import attach_act_quant
+    from .quant.rotation import decoder_parts
+
+    scheme = Scheme.model_validate(info["scheme"])
+    for layer in decoder_parts(model)[1]:
+        attach_act_quant(layer, scheme)
 
 
 def save_model(model, tokenizer, out: str | Path, extra_files: dict[str, str] | None = None) -> Path:

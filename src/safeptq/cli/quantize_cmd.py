@@ -1,0 +1,357 @@
+"""``safeptq quantize``: quantize a model with one method and scheme, export it, record the run.
+
+Order of work, so that bad input fails in seconds and a half-done run never looks finished:
+
+1. every option, the output folder (:func:`safeptq.export.folder.check_target`), the work
+   folder, the model, its architecture and the group size against every layer are checked
+   before any calibration starts;
+2. the calibration (checkpointed per block in the work folder for ``omniquant``, so
+   ``--resume`` continues a killed run);
+3. the export (written to a temporary folder renamed into place), a reload check of it, the
+   optional evaluation;
+4. only then ``quantize.json`` (recipe, wall time, peak memory, per-block report) is written
+   into the output folder and the work folder removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from .base import Command, add_data_options, print_table, write_json_atomic
+
+__all__ = ["QuantizeCommand", "RUN_FILE", "parse_epochs"]
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "quantize.json"
+"""Written into the output folder last: its presence marks a complete run."""
+
+_VERIFY_TEXT = "The quick brown fox jumps over the lazy dog. Quantization keeps the answer."
+_VERIFY_MAX_REL_ERR = 1e-3  # weights-only logits of the reloaded export vs the in-process model (fp32)
+_WORK_ENTRIES = {"state.pt", "state.pt.tmp", "blocks"}
+
+
+def parse_epochs(value: str) -> int | tuple[int, int]:
+    """``"2"`` → 2; ``"5,15"`` → (5, 15) (first half of the blocks, second half)."""
+    from ..errors import ConfigError
+
+    parts = [p.strip() for p in str(value).split(",")]
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"--epochs must be N or A,B (first half, second half of the blocks), got {value!r}") from None
+    if len(nums) not in (1, 2) or any(n < 0 for n in nums):
+        raise ConfigError(f"--epochs must be N or A,B with non-negative integers, got {value!r}")
+    return nums[0] if len(nums) == 1 else (nums[0], nums[1])
+
+
+class QuantizeCommand(Command):
+    name = "quantize"
+    help = "quantize a model (RTN, OmniQuant-style LWC+LET, or llm-compressor GPTQ/AWQ) and export it"
+    description = ("Quantize the decoder linears of a Llama-shaped causal LM to a scheme and export the result: "
+                   "compressed-tensors (pack-quantized / int-quantized, servable by vLLM) where the scheme has a "
+                   "serving format, else a dense fake-quant checkpoint. Methods: rtn (round to nearest, no data); "
+                   "omniquant (block-wise learnable weight clipping + learnable equivalent transformation "
+                   "trained to reconstruct each block's full-precision output; checkpointed per block, --resume "
+                   "continues a killed run); gptq, awq, smoothquant+gptq (llm-compressor baselines on the same "
+                   "calibration tokens). The output folder gets quantize.json (recipe, wall time, peak memory, "
+                   "per-block losses) only when everything succeeded.")
+    epilog = """examples:
+  safeptq quantize --model default --method rtn --scheme w8a8 --out runs/q/rtn-w8a8
+  safeptq quantize --model default --method omniquant --scheme w4a16 --calib alpaca:calib --out runs/q/omni-w4a16
+  safeptq quantize --model default --method omniquant --scheme w4a8 --epochs 5,15 --batch-size 1 --resume --out runs/q/o
+  safeptq quantize --model default --method gptq --scheme w4a16 --group-size 32 --eval wikitext2 --out runs/q/gptq
+  safeptq ls   # lists the calibration sets and scheme presets"""
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("model and method")
+        g.add_argument("--model", required=True, metavar="MODEL",
+                       help="local HF folder, .gguf file, hub id (online), or 'default' (SmolLM2-135M-Instruct)")
+        g.add_argument("--method", required=True,
+                       help="rtn | omniquant | gptq | awq | smoothquant+gptq")
+        g.add_argument("--scheme", required=True,
+                       help="w8a8 | w8a16 | w4a16 | w4a16-asym | w4a8 | w4a4 | w4a4kv4 (see `safeptq ls`)")
+        g.add_argument("--group-size", type=int, default=None,
+                       help="weight group size of grouped schemes (w4a16 default 64); must divide every layer")
+        g.add_argument("--device", default="auto",
+                       help="calibration device: cpu, cuda, cuda:N or auto (default); the model is kept in "
+                            "float32 on the CPU, one block at a time goes to the device")
+        g = p.add_argument_group("calibration data (not used by rtn)")
+        g.add_argument("--calib", default="alpaca:calib",
+                       help="prompt set(s) with shares, e.g. alpaca:calib (default), "
+                            "advbench:calib=0.75,alpaca:calib=0.25, wikitext2, "
+                            "or a file [harmful:|benign:]PATH[@COLUMN]")
+        g.add_argument("--nsamples", type=int, default=128, help="calibration samples (128)")
+        g.add_argument("--seqlen", type=int, default=128,
+                       help="tokens per sample (128): prompts keep their last SEQLEN tokens, text is cut in windows")
+        g.add_argument("--no-chat", action="store_true",
+                       help="tokenize prompts as raw text instead of chat turns (base models without a template)")
+        add_data_options(g)
+        g = p.add_argument_group("omniquant training")
+        g.add_argument("--epochs", default="2",
+                       help="epochs per block: N, or A,B for the first and second half of the blocks (2)")
+        g.add_argument("--batch-size", type=int, default=4, help="samples per step (4)")
+        g.add_argument("--lr-lwc", type=float, default=1e-2, help="learning rate of the clipping factors (1e-2)")
+        g.add_argument("--lr-let", type=float, default=1e-3, help="learning rate of the smoothing scales (1e-3)")
+        g.add_argument("--no-lwc", action="store_true", help="no learnable weight clipping (min/max ranges)")
+        g.add_argument("--no-let", action="store_true", help="no learnable equivalent transformation (smoothing)")
+        g.add_argument("--let-alpha", type=float, default=0.5,
+                       help="SmoothQuant migration strength that initialises the smoothing scales (0.5)")
+        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--resume", action="store_true",
+                       help="continue from the per-block checkpoint in the work folder (same recipe and data only)")
+        g.add_argument("--work-dir", default=None,
+                       help="checkpoint folder (default OUT.work); removed after a successful run")
+        g = p.add_argument_group("evaluation (optional)")
+        g.add_argument("--eval", default=None, metavar="SUITES",
+                       help="evaluate the quantized model on these suites after export, e.g. wikitext2 or "
+                            "advbench:eval,wikitext2 (results go into quantize.json)")
+        g.add_argument("--eval-limit", type=int, default=None,
+                       help="first N prompts of each suite / N perplexity windows")
+        g = p.add_argument_group("output")
+        g.add_argument("--out", required=True, help="output folder (a new folder or an earlier safeptq export)")
+        g.add_argument("--no-progress", action="store_true")
+
+    # -- checks ---------------------------------------------------------------------------------
+    @staticmethod
+    def _check_args(args) -> None:
+        from ..errors import ConfigError, UnknownNameError
+        from ..quant.methods import METHODS
+
+        if args.method not in METHODS:
+            raise UnknownNameError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
+        for flag, v, low in (("--nsamples", args.nsamples, 1), ("--seqlen", args.seqlen, 2),
+                             ("--batch-size", args.batch_size, 1)):
+            if v < low:
+                raise ConfigError(f"{flag} must be at least {low}, got {v}")
+        if args.eval_limit is not None and args.eval_limit <= 0:
+            raise ConfigError(f"--eval-limit must be positive, got {args.eval_limit}")
+        for flag, v in (("--lr-lwc", args.lr_lwc), ("--lr-let", args.lr_let)):
+            if not v > 0:
+                raise ConfigError(f"{flag} must be positive, got {v}")
+        if not 0 <= args.let_alpha <= 1:
+            raise ConfigError(f"--let-alpha must be in [0, 1], got {args.let_alpha}")
+
+    @staticmethod
+    def _check_work_dir(work: Path, out: Path) -> None:
+        from ..errors import ConfigError
+
+        if work.resolve() == out.resolve():
+            raise ConfigError("--work-dir must differ from --out")
+        if work.is_file():
+            raise ConfigError(f"work folder {work} is a file")
+        if work.is_dir():
+            foreign = sorted(p.name for p in work.iterdir() if p.name not in _WORK_ENTRIES)
+            if foreign:
+                raise ConfigError(f"refusing to use {work} as work folder: it holds other files "
+                                  f"({', '.join(foreign[:3])}); choose another --work-dir")
+
+    @staticmethod
+    def _remove_work_dir(work: Path) -> None:
+        """Delete only what the engine wrote (block checkpoints, state), then the empty folders."""
+        blocks = work / "blocks"
+        if blocks.is_dir():
+            for f in blocks.glob("*.pt*"):
+                f.unlink(missing_ok=True)
+        for f in ("state.pt", "state.pt.tmp"):
+            (work / f).unlink(missing_ok=True)
+        for d in (blocks, work):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+    # -- run --------------------------------------------------------------------------------------
+    def run(self, args: argparse.Namespace) -> int:
+        import json
+
+        import torch
+
+        from .. import __version__
+        from ..errors import ExportError, ModelError
+        from ..export.folder import SIDE_FILE, check_target
+        from ..models import load_model, pick_device
+        from ..quant.args import check_group_size, resolve_scheme
+        from ..quant.engine import peak_memory_mb
+        from ..quant.methods import BUILTIN, run_method, save_quantized
+
+        t0 = time.time()
+        self._check_args(args)
+        if args.no_progress:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        epochs = parse_epochs(args.epochs)
+        resolve_scheme(args.scheme, group_size=args.group_size)  # fail on a bad name before loading anything
+        suites = None
+        if args.eval:
+            from ..eval import parse_suites
+
+            suites = parse_suites(args.eval)
+        out = Path(args.out).expanduser()
+        check_target(out)  # before the long calibration, not only at export time
+        work = Path(args.work_dir).expanduser() if args.work_dir else out.with_name(out.name + ".work")
+        uses_work = args.method == "omniquant"
+        if uses_work:
+            self._check_work_dir(work, out)
+        elif args.resume or args.work_dir:
+            log.warning("--resume/--work-dir apply to omniquant only; %s runs in one go", args.method)
+        device = pick_device(args.device)
+        lc = None
+        if args.method not in BUILTIN:
+            from ..baselines import llmcompressor as lc
+
+            lc.require_llmcompressor()
+
+        torch.manual_seed(args.seed)
+        lm = load_model(args.model, dtype="float32", device="cpu")
+        if (Path(lm.path) / SIDE_FILE).exists():
+            raise ModelError(f"{args.model} is already a safeptq quantized export; quantize the original model")
+        model, tok = lm.model, lm.tokenizer
+        head_dim = getattr(model.config, "head_dim", None) or (
+            model.config.hidden_size // model.config.num_attention_heads)
+        scheme = resolve_scheme(args.scheme, group_size=args.group_size, head_dim=head_dim)
+        if args.method in BUILTIN:
+            from ..quant.engine import check_architecture
+
+            check_architecture(model)
+        else:
+            lc.build_recipe(args.method, scheme)  # refuses e.g. AWQ with activation quantization
+        if scheme.weights is not None:
+            from ..export import quantized_linears
+
+            for name, lin in quantized_linears(model).items():
+                check_group_size(name, lin.in_features, scheme.weights.group_size)
+
+        calib = None
+        chat = not args.no_chat
+        if args.method != "rtn":
+            from ..data.calib import load_calibration
+
+            if chat and not getattr(tok, "chat_template", None):
+                raise ModelError(f"model {args.model} has no chat template; pass --no-chat to calibrate on raw prompts")
+            calib = load_calibration(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, chat=chat,
+                                     data_dir=args.data_dir, seed=args.seed)
+
+        cfg = None
+        if args.method == "omniquant":
+            from ..quant.engine import BlockwiseConfig
+
+            cfg = BlockwiseConfig(scheme=scheme, lwc=not args.no_lwc, let=not args.no_let, let_alpha=args.let_alpha,
+                                  epochs=epochs, batch_size=args.batch_size, lr_lwc=args.lr_lwc,
+                                  lr_let=args.lr_let, device=str(device), seed=args.seed)
+        recipe = {"method": args.method, "scheme": scheme.name, "group_size": args.group_size,
+                  "calib": args.calib if calib is not None else None,
+                  "nsamples": args.nsamples if calib is not None else None,
+                  "seqlen": args.seqlen if calib is not None else None,
+                  "chat": chat if calib is not None else None, "seed": args.seed}
+        if cfg is not None:
+            recipe.update({"epochs": list(epochs) if isinstance(epochs, tuple) else epochs,
+                           "batch_size": args.batch_size, "lr_lwc": args.lr_lwc, "lr_let": args.lr_let,
+                           "lwc": cfg.lwc, "let": cfg.let, "let_alpha": args.let_alpha})
+        log.info("quantizing %s with %s to %s%s", args.model, args.method, scheme.name,
+                 f" on {len(calib)} calibration samples" if calib is not None else "")
+
+        tq = time.time()
+        model, report = run_method(args.method, model, tok, scheme, calib, cfg=cfg,
+                                   work_dir=work if uses_work else None, resume=args.resume,
+                                   progress=not args.no_progress)
+        quant_s = time.time() - tq
+        metadata = {"model": args.model, "model_path": lm.path, "recipe": recipe,
+                    "calib_set": calib.describe() if calib is not None else None,
+                    "nsamples": len(calib) if calib is not None else 0,
+                    "seqlen": int(calib.input_ids.shape[1]) if calib is not None else 0,
+                    "config": cfg.fingerprint() if cfg is not None else None}
+        save_quantized(model, tok, scheme, out, report, metadata)
+        verify = self._verify(out, model, tok, args.method in BUILTIN, scheme)
+        if verify["weights_only_max_rel_err"] > _VERIFY_MAX_REL_ERR:
+            raise ExportError(f"the export in {out} does not reload to the quantized model (weights-only logits "
+                              f"max rel err {verify['weights_only_max_rel_err']:.3g} > {_VERIFY_MAX_REL_ERR}); "
+                              f"it is incomplete (no {RUN_FILE})")
+        results = None
+        if suites:
+            results = self._evaluate(model, tok, suites, args, device)
+
+        rss, acc = peak_memory_mb()
+        info = json.loads((out / SIDE_FILE).read_text())
+        doc = {
+            "safeptq_version": __version__,
+            "model": args.model,
+            "model_path": lm.path,
+            "recipe": recipe,
+            "scheme": scheme.model_dump(mode="json"),
+            "config": metadata["config"],
+            "calib_set": metadata["calib_set"],
+            "wall_time_s": round(time.time() - t0, 1),
+            "quantize_time_s": round(quant_s, 1),
+            "peak_rss_mb": round(rss, 1),
+            "peak_accel_mb": None if acc is None else round(acc, 1),
+            "calibration": {k: v for k, v in report.items() if k != "qparams"},
+            "export": {"path": str(out), "format": info.get("format"), "fake_quant": info.get("fake_quant"),
+                       "bits_per_weight": verify.get("bits_per_weight")},
+            "verify": verify,
+            "eval": results,
+        }
+        write_json_atomic(out / RUN_FILE, doc)
+        if uses_work:
+            self._remove_work_dir(work)
+        self._summary(doc, report, results)
+        return 0
+
+    @staticmethod
+    def _verify(out: Path, model, tok, builtin: bool, scheme) -> dict:
+        """Reload the export and compare its logits with the in-process model (activation hooks off
+        on our side: ``reload_check`` applies the reference activation quantization itself)."""
+        from ..export import reload_check
+        from ..quant.deploy import attach_act_quant, detach_act_quant
+        from ..quant.rotation import decoder_parts
+
+        ids = tok(_VERIFY_TEXT, return_tensors="pt")["input_ids"][:, :32]
+        layers = decoder_parts(model)[1] if builtin else []
+        for layer in layers:
+            detach_act_quant(layer)
+        try:
+            res = reload_check(out, model, ids)
+        finally:
+            for layer in layers:
+                attach_act_quant(layer, scheme)
+        res.pop("bits_per_weight_by_layer", None)
+        return res
+
+    @staticmethod
+    def _evaluate(model, tok, suites, args, device) -> dict:
+        from ..eval import EvalConfig, evaluate
+
+        model.to(device)
+        cfg = EvalConfig(limit=args.eval_limit, data_dir=args.data_dir, progress=not args.no_progress,
+                         use_chat_template=bool(getattr(tok, "chat_template", None)), keep_samples=False)
+        res = evaluate(model, tok, suites, cfg)
+        model.to("cpu")
+        return res
+
+    @staticmethod
+    def _summary(doc: dict, report: dict, results: dict | None) -> None:
+        blocks = report.get("blocks") or []
+        if blocks:
+            def f(x):
+                return "-" if x is None else f"{x:.4g}"
+
+            print_table([[b["block"], b["epochs"], f(b["loss_first"]), f(b["loss_last"]), b["seconds"]]
+                         for b in blocks], ["block", "epochs", "loss first", "loss last", "s"])
+            if report.get("resumed_from_block"):
+                print(f"(resumed at block {report['resumed_from_block']})")
+        if results:
+            from .eval_cmd import format_metric
+
+            print_table([[name, *format_metric(res)] for name, res in results.items()],
+                        ["suite", "metric", "value", "95% CI", "n"])
+        ex, v = doc["export"], doc["verify"]
+        bpw = ex["bits_per_weight"]
+        print(f"{doc['recipe']['method']} {doc['scheme']['name']}: {ex['format']}"
+              f"{' (dense fake-quant, not a serving format)' if ex['fake_quant'] else ''}, "
+              f"{'' if bpw is None else f'{bpw:.2f} bits/weight, '}reload max rel err {v['max_rel_err']:.2g}, "
+              f"{doc['wall_time_s']} s, peak RSS {doc['peak_rss_mb']:.0f} MiB")
+        print(f"quantized model written to {ex['path']}")

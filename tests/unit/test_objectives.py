@@ -1,0 +1,133 @@
+"""Block-wise objectives: masked MSE, Q-realign's probe push, the registry."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from safeptq.errors import ConfigError, UnknownNameError
+from safeptq.objectives import MSE, BlockBatch, ProbePush, get_objective, objective_names
+from safeptq.objectives.reconstruction import masked_mse
+
+B, T, H = 3, 5, 8
+
+
+def _batch(seed=0, layer=0, labels=(0, 0, 0), lengths=(5, 3, 1)):
+    g = torch.Generator().manual_seed(seed)
+    out, tgt = torch.randn(B, T, H, generator=g), torch.randn(B, T, H, generator=g)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return BlockBatch(layer, out, tgt, mask, torch.tensor(labels), mask.sum(1) - 1)
+
+
+def _probes(layers=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return SimpleNamespace(coef=torch.randn(layers, H, generator=g), intercept=torch.randn(layers, generator=g))
+
+
+def test_masked_mse_by_hand():
+    b = _batch()
+    loss = MSE()(b)
+    assert loss.shape == (B,)
+    for i, n in enumerate((5, 3, 1)):
+        want = ((b.output[i, :n] - b.target[i, :n]) ** 2).mean()
+        assert torch.allclose(loss[i], want, rtol=1e-6)
+    assert torch.equal(masked_mse(b), loss)
+
+
+def test_masked_positions_do_not_count():
+    b = _batch()
+    changed = b.output.clone()
+    changed[b.mask == 0] += 100.0
+    b2 = BlockBatch(0, changed, b.target, b.mask, b.labels, b.last_idx)
+    assert torch.equal(MSE()(b2), MSE()(b))
+    changed[0, 0] += 1.0  # a real token does count
+    assert not torch.equal(MSE()(b2), MSE()(b))
+
+
+def test_mse_of_identical_outputs_is_zero_and_an_empty_mask_is_safe():
+    b = _batch()
+    same = BlockBatch(0, b.target, b.target, b.mask, b.labels, b.last_idx)
+    assert torch.equal(MSE()(same), torch.zeros(B))
+    empty = BlockBatch(0, b.output, b.target, torch.zeros_like(b.mask), b.labels, b.last_idx)
+    assert torch.isfinite(MSE()(empty)).all()
+
+
+def test_last_token_picks_each_samples_last_real_position():
+    b = _batch()
+    h = b.last_token()
+    assert torch.equal(h, torch.stack([b.output[0, 4], b.output[1, 2], b.output[2, 0]]))
+    assert torch.equal(b.last_token(b.target)[1], b.target[1, 2])
+
+
+def test_probe_push_malicious_softplus_benign_mse():
+    probes = _probes()
+    obj = ProbePush(probes, margin=0.5)
+    b = _batch(layer=1, labels=(1, 0, 1))
+    loss = obj(b)
+    mse = masked_mse(b)
+    h = b.last_token()
+    z = h @ probes.coef[1] + probes.intercept[1]
+    assert torch.allclose(obj.probe_logit(1, h), z, rtol=1e-6)
+    assert torch.allclose(loss[0], F.softplus(0.5 - z[0]), rtol=1e-6)
+    assert torch.allclose(loss[2], F.softplus(0.5 - z[2]), rtol=1e-6)
+    assert torch.equal(loss[1], mse[1])
+    # the probe term reads the last prompt token only: other tokens of a malicious sample do not matter
+    out = b.output.clone()
+    out[0, :4] += 10.0
+    assert torch.equal(obj(BlockBatch(1, out, b.target, b.mask, b.labels, b.last_idx))[0], loss[0])
+    # weight scales the probe term only
+    w2 = ProbePush(probes, probe_weight=2.0, margin=0.5)(b)
+    assert torch.allclose(w2[0], 2 * loss[0]) and torch.equal(w2[1], loss[1])
+    # an all-benign batch is plain MSE
+    benign = _batch(layer=1)
+    assert torch.equal(obj(benign), masked_mse(benign))
+    assert obj.describe() == {"name": "realign", "probe_weight": 1.0, "margin": 0.5, "layers": 2}
+
+
+def test_probe_push_moves_the_last_token_across_the_probe():
+    """A toy linear 'block' trained on the probe-push loss of one malicious sample: the state at
+    its last prompt token starts on the benign side of the probe and ends on the malicious side."""
+    torch.manual_seed(0)
+    probes = _probes(layers=1)
+    x = torch.randn(1, T, H)
+    block = torch.nn.Linear(H, H)
+    last = torch.tensor([3])
+    with torch.no_grad():
+        h0 = block(x)[0, 3]
+        probes.intercept[0] = -3.0 - h0 @ probes.coef[0]  # start at logit -3 (benign side)
+    obj = ProbePush(probes)
+    mask = torch.ones(1, T, dtype=torch.long)
+    target = x.clone()
+
+    def step_logit():
+        out = block(x)
+        return obj.probe_logit(0, out[torch.arange(1), last]).item()
+
+    assert step_logit() == pytest.approx(-3.0, abs=1e-5)
+    opt = torch.optim.SGD(block.parameters(), lr=0.05)
+    for _ in range(30):
+        loss = obj(BlockBatch(0, block(x), target, mask, torch.tensor([1]), last)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert step_logit() > 0
+
+
+def test_probe_push_errors():
+    with pytest.raises(ConfigError, match="--probe-weight must be non-negative"):
+        ProbePush(_probes(), probe_weight=-1)
+    obj = ProbePush(_probes(layers=2))
+    with pytest.raises(ConfigError, match="no probe for layer 5: the probes cover 2 layers"):
+        obj(_batch(layer=5, labels=(1, 0, 0)))
+
+
+def test_registry():
+    assert {"mse", "realign"} <= set(objective_names())
+    assert isinstance(get_objective("mse"), MSE)
+    assert isinstance(get_objective("realign", probes=_probes(), margin=1.0), ProbePush)
+    with pytest.raises(UnknownNameError, match="unknown objective 'msee'; choose one of") as e:
+        get_objective("msee")
+    assert "mse" in str(e.value) and "realign" in str(e.value)
