@@ -48,8 +48,20 @@ def parse_epochs(value: str) -> int | tuple[int, int]:
     return nums[0] if len(nums) == 1 else (nums[0], nums[1])
 
 
+_CALIBRATED = ("omniquant", "realign")  # built-in methods that train per block (work folder, resume)
+
+
 class QuantizeCommand(Command):
+    """Also the base of ``safeptq realign``: subclasses fix the method and add their objective
+    through :meth:`add_method_arguments`, :meth:`make_objective` and :meth:`extra_record`."""
+
     name = "quantize"
+    fixed_method: str | None = None
+    run_file = RUN_FILE
+    calib_default = "alpaca:calib"
+    nsamples_default = 128
+    epochs_default: str | None = "2"
+    batch_size_default: int | None = 4
     help = "quantize a model (RTN, OmniQuant-style LWC+LET, or llm-compressor GPTQ/AWQ) and export it"
     description = ("Quantize the decoder linears of a Llama-shaped causal LM to a scheme and export the result: "
                    "compressed-tensors (pack-quantized / int-quantized, servable by vLLM) where the scheme has a "
@@ -70,8 +82,9 @@ class QuantizeCommand(Command):
         g = p.add_argument_group("model and method")
         g.add_argument("--model", required=True, metavar="MODEL",
                        help="local HF folder, .gguf file, hub id (online), or 'default' (SmolLM2-135M-Instruct)")
-        g.add_argument("--method", required=True,
-                       help="rtn | omniquant | gptq | awq | smoothquant+gptq")
+        if self.fixed_method is None:
+            g.add_argument("--method", required=True,
+                           help="rtn | omniquant | gptq | awq | smoothquant+gptq")
         g.add_argument("--scheme", required=True,
                        help="w8a8 | w8a16 | w4a16 | w4a16-asym | w4a8 | w4a4 | w4a4kv4 (see `safeptq ls`)")
         g.add_argument("--group-size", type=int, default=None,
@@ -80,20 +93,24 @@ class QuantizeCommand(Command):
                        help="calibration device: cpu, cuda, cuda:N or auto (default); the model is kept in "
                             "float32 on the CPU, one block at a time goes to the device")
         g = p.add_argument_group("calibration data (not used by rtn)")
-        g.add_argument("--calib", default="alpaca:calib",
-                       help="prompt set(s) with shares, e.g. alpaca:calib (default), "
+        g.add_argument("--calib", default=self.calib_default,
+                       help=f"prompt set(s) with shares (default {self.calib_default}), e.g. alpaca:calib, "
                             "advbench:calib=0.75,alpaca:calib=0.25, wikitext2, "
                             "or a file [harmful:|benign:]PATH[@COLUMN]")
-        g.add_argument("--nsamples", type=int, default=128, help="calibration samples (128)")
+        g.add_argument("--nsamples", type=int, default=self.nsamples_default,
+                       help=f"calibration samples ({self.nsamples_default})")
         g.add_argument("--seqlen", type=int, default=128,
                        help="tokens per sample (128): prompts keep their last SEQLEN tokens, text is cut in windows")
         g.add_argument("--no-chat", action="store_true",
                        help="tokenize prompts as raw text instead of chat turns (base models without a template)")
         add_data_options(g)
-        g = p.add_argument_group("omniquant training")
-        g.add_argument("--epochs", default="2",
-                       help="epochs per block: N, or A,B for the first and second half of the blocks (2)")
-        g.add_argument("--batch-size", type=int, default=4, help="samples per step (4)")
+        self.add_method_arguments(p)
+        g = p.add_argument_group("block-wise training (omniquant, realign)")
+        g.add_argument("--epochs", default=self.epochs_default,
+                       help="epochs per block: N, or A,B for the first and second half of the blocks "
+                            f"({self.epochs_default or 'from --schedule'})")
+        g.add_argument("--batch-size", type=int, default=self.batch_size_default,
+                       help=f"samples per step ({self.batch_size_default or 'from --schedule'})")
         g.add_argument("--lr-lwc", type=float, default=1e-2, help="learning rate of the clipping factors (1e-2)")
         g.add_argument("--lr-let", type=float, default=1e-3, help="learning rate of the smoothing scales (1e-3)")
         g.add_argument("--no-lwc", action="store_true", help="no learnable weight clipping (min/max ranges)")
@@ -114,6 +131,28 @@ class QuantizeCommand(Command):
         g = p.add_argument_group("output")
         g.add_argument("--out", required=True, help="output folder (a new folder or an earlier safeptq export)")
         g.add_argument("--no-progress", action="store_true")
+
+    # -- hooks for subclasses -------------------------------------------------------------------
+    def add_method_arguments(self, p: argparse.ArgumentParser) -> None:
+        """Extra option groups of a subclass's method."""
+
+    def resolve_defaults(self, args: argparse.Namespace) -> None:
+        """Fill options whose defaults depend on others (e.g. a schedule)."""
+        if self.fixed_method is not None:
+            args.method = self.fixed_method
+        elif args.method == "realign":
+            from ..errors import ConfigError
+
+            raise ConfigError("method 'realign' needs probes: run `safeptq realign` instead of `safeptq quantize`")
+
+    def make_objective(self, args, lm, calib, device):
+        """The block objective of the method (``None``: the method's own default)."""
+        return None
+
+    def extra_record(self, args, lm, stage: str, device) -> dict:
+        """Called with ``stage='before'`` on the full-precision model and ``'after'`` on the
+        quantized one; the returned entries go into the run record."""
+        return {}
 
     # -- checks ---------------------------------------------------------------------------------
     @staticmethod
@@ -179,6 +218,7 @@ class QuantizeCommand(Command):
         from ..quant.methods import BUILTIN, run_method, save_quantized
 
         t0 = time.time()
+        self.resolve_defaults(args)
         self._check_args(args)
         if args.no_progress:
             from transformers.utils import logging as hf_logging
@@ -194,11 +234,12 @@ class QuantizeCommand(Command):
         out = Path(args.out).expanduser()
         check_target(out)  # before the long calibration, not only at export time
         work = Path(args.work_dir).expanduser() if args.work_dir else out.with_name(out.name + ".work")
-        uses_work = args.method == "omniquant"
+        uses_work = args.method in _CALIBRATED
         if uses_work:
             self._check_work_dir(work, out)
         elif args.resume or args.work_dir:
-            log.warning("--resume/--work-dir apply to omniquant only; %s runs in one go", args.method)
+            log.warning("--resume/--work-dir apply to %s only; %s runs in one go", " and ".join(_CALIBRATED),
+                        args.method)
         device = pick_device(args.device)
         lc = None
         if args.method not in BUILTIN:
@@ -236,8 +277,10 @@ class QuantizeCommand(Command):
             calib = load_calibration(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, chat=chat,
                                      data_dir=args.data_dir, seed=args.seed)
 
+        objective = self.make_objective(args, lm, calib, device)
+        record = self.extra_record(args, lm, "before", device)
         cfg = None
-        if args.method == "omniquant":
+        if args.method in _CALIBRATED:
             from ..quant.engine import BlockwiseConfig
 
             cfg = BlockwiseConfig(scheme=scheme, lwc=not args.no_lwc, let=not args.no_let, let_alpha=args.let_alpha,
@@ -256,7 +299,7 @@ class QuantizeCommand(Command):
                  f" on {len(calib)} calibration samples" if calib is not None else "")
 
         tq = time.time()
-        model, report = run_method(args.method, model, tok, scheme, calib, cfg=cfg,
+        model, report = run_method(args.method, model, tok, scheme, calib, cfg=cfg, objective=objective,
                                    work_dir=work if uses_work else None, resume=args.resume,
                                    progress=not args.no_progress)
         quant_s = time.time() - tq
@@ -270,7 +313,9 @@ class QuantizeCommand(Command):
         if verify["weights_only_max_rel_err"] > _VERIFY_MAX_REL_ERR:
             raise ExportError(f"the export in {out} does not reload to the quantized model (weights-only logits "
                               f"max rel err {verify['weights_only_max_rel_err']:.3g} > {_VERIFY_MAX_REL_ERR}); "
-                              f"it is incomplete (no {RUN_FILE})")
+                              f"it is incomplete (no {self.run_file})")
+        for k, v in self.extra_record(args, lm, "after", device).items():
+            record[k] = {**record.get(k, {}), **v} if isinstance(v, dict) and isinstance(record.get(k), dict) else v
         results = None
         if suites:
             results = self._evaluate(model, tok, suites, args, device)
@@ -294,8 +339,9 @@ class QuantizeCommand(Command):
                        "bits_per_weight": verify.get("bits_per_weight")},
             "verify": verify,
             "eval": results,
+            **record,
         }
-        write_json_atomic(out / RUN_FILE, doc)
+        write_json_atomic(out / self.run_file, doc)
         if uses_work:
             self._remove_work_dir(work)
         self._summary(doc, report, results)

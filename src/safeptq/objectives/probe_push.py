@@ -49,8 +49,11 @@ class ProbePush(BlockObjective):
         return loss
 
     def describe(self) -> dict:
+        import hashlib
+
+        digest = hashlib.sha256(self.coef.numpy().tobytes() + self.intercept.numpy().tobytes()).hexdigest()[:12]
         return {"name": self.name, "probe_weight": self.probe_weight, "margin": self.margin,
-                "layers": int(self.coef.shape[0])}
+                "layers": int(self.coef.shape[0]), "probes_sha": digest}
 
 
 register_objective("realign", ProbePush)

@@ -104,7 +104,7 @@ class LayerProbes:
 
 
 def fit_probes(states: torch.Tensor, labels: torch.Tensor, *, C: float = 1.0, held_out: float = 0.2, seed: int = 0,
-               max_iter: int = 3000, progress: bool = False) -> LayerProbes:
+               max_iter: int = 1000, progress: bool = False) -> LayerProbes:
     """Fit one L1 logistic probe per layer on ``states`` [L, N, H] with ``labels`` [N] (1 = malicious).
 
     A stratified ``held_out`` share is kept aside for the accuracy in ``meta['heldout_accuracy']``;
@@ -132,7 +132,9 @@ def fit_probes(states: torch.Tensor, labels: torch.Tensor, *, C: float = 1.0, he
 
     def fit(x, yy):
         sc = StandardScaler().fit(x)
-        clf = LogisticRegression(penalty="l1", C=C, solver="saga", max_iter=max_iter, random_state=seed)
+        # l1_ratio=1 is the L1 penalty (scikit-learn ≥ 1.8 spelling); liblinear solves these small,
+        # wide problems in milliseconds where saga needs seconds and still warns.
+        clf = LogisticRegression(C=C, l1_ratio=1.0, solver="liblinear", max_iter=max_iter, random_state=seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             clf.fit(sc.transform(x), yy)
@@ -148,7 +150,7 @@ def fit_probes(states: torch.Tensor, labels: torch.Tensor, *, C: float = 1.0, he
         w, b = fit(x, y)
         coef[layer] = torch.from_numpy(w).float()
         intercept[layer] = float(b)
-    meta = {"C": C, "penalty": "l1", "solver": "saga", "n": int(len(y)), "malicious": int(y.sum()),
+    meta = {"C": C, "penalty": "l1", "solver": "liblinear", "n": int(len(y)), "malicious": int(y.sum()),
             "held_out": held_out, "heldout_accuracy": acc, "seed": seed}
     return LayerProbes(coef, intercept, meta)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from torch import nn
 
 from safeptq.data.calib import CalibSet
-from safeptq.errors import UnknownNameError
+from safeptq.errors import ConfigError, UnknownNameError
 from safeptq.objectives.base import BlockObjective
 from safeptq.quant.args import Scheme
 from safeptq.quant.deploy import rtn_quantize
@@ -19,7 +19,7 @@ from safeptq.quant.engine import BlockwiseConfig, CalibResult, calibrate_blockwi
 
 __all__ = ["BUILTIN", "LLMCOMPRESSOR", "METHODS", "run_method", "save_quantized"]
 
-BUILTIN = ("rtn", "omniquant")
+BUILTIN = ("rtn", "omniquant", "realign")
 LLMCOMPRESSOR = ("gptq", "awq", "smoothquant+gptq")
 METHODS = BUILTIN + LLMCOMPRESSOR
 
@@ -37,14 +37,16 @@ def run_method(method: str, model: nn.Module, tokenizer, scheme: Scheme, calib: 
         rss, acc = peak_memory_mb()
         return model, {"method": "rtn", "qparams": qparams, "wall_time_s": round(time.time() - t0, 1),
                        "peak_rss_mb": round(rss, 1), "peak_accel_mb": acc}
-    if method == "omniquant":
+    if method in ("omniquant", "realign"):
         from safeptq.objectives import MSE
 
+        if method == "realign" and objective is None:
+            raise ConfigError("method 'realign' needs its probe objective (see safeptq.objectives.ProbePush)")
+        objective = objective or MSE()
         cfg = cfg or BlockwiseConfig(scheme=scheme)
-        res: CalibResult = calibrate_blockwise(model, calib, objective or MSE(), cfg, work_dir=work_dir,
+        res: CalibResult = calibrate_blockwise(model, calib, objective, cfg, work_dir=work_dir,
                                                resume=resume, progress=progress)
-        return model, {"method": "omniquant", "qparams": res.qparams, **res.summary(),
-                       "objective": (objective or MSE()).describe()}
+        return model, {"method": method, "qparams": res.qparams, **res.summary(), "objective": objective.describe()}
     from safeptq.baselines.llmcompressor import run_llmcompressor
 
     ids = [row[: int(m.sum())] for row, m in zip(calib.input_ids, calib.attention_mask)]

@@ -1,0 +1,144 @@
+"""``safeptq realign`` end to end on the tiny model: probes, probe-push calibration, export, reload."""
+
+import json
+
+import pytest
+import torch
+
+from safeptq.cli.main import main
+from safeptq.cli.realign_cmd import SCHEDULES
+
+_FAST = ["--nsamples", "8", "--seqlen", "32", "--epochs", "1", "--batch-size", "4", "--sep-limit", "4", "--no-progress"]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFEPTQ_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def _run(capsys, *argv):
+    rc = main(["realign", *map(str, argv)])
+    cap = capsys.readouterr()
+    return rc, cap
+
+
+def test_help_lists_the_papers_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["realign", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--probe-model", "--probes", "--schedule", "--malicious-share", "--probe-weight", "--margin",
+                 "--scheme", "--resume", "--out"):
+        assert flag in out
+    assert "--method" not in out  # fixed to the block-wise engine with the probe objective
+    assert SCHEDULES["paper"] == {"epochs": "5,15", "batch_size": 1}
+
+
+def test_realign_w8a8_exports_reloads_and_records_separability(tiny_model_dir, shared_data, tmp_path, home, capsys):
+    from safeptq.export import SIDE_FILE, reload_check
+    from safeptq.models import load_model
+
+    out = tmp_path / "r"
+    rc, cap = _run(capsys, "--model", tiny_model_dir, "--probe-model", tiny_model_dir, "--scheme", "w8a8",
+                   "--data-dir", shared_data, "--out", out, *_FAST)
+    assert rc == 0, cap.err
+    assert (out / "realign.json").is_file() and (out / SIDE_FILE).is_file() and not (tmp_path / "r.work").exists()
+    doc = json.loads((out / "realign.json").read_text())
+    assert doc["recipe"]["method"] == "realign" and doc["recipe"]["calib"] == "advbench:calib=0.75,alpaca:calib=0.25"
+    assert doc["calibration"]["objective"]["name"] == "realign"
+    assert doc["calib_set"]["malicious"] == 6 and doc["calib_set"]["n"] == 8
+    sep = doc["separability"]
+    assert set(sep) >= {"before", "after", "prompts"}
+    assert len(sep["before"]["per_layer"]["accuracy"]) == 2 and "fisher" in sep["after"]["mean_late_layers"]
+    assert doc["probes"]["source"] == str(tiny_model_dir) and any((home / "probes").iterdir())
+    assert doc["export"]["format"] == "int-quantized" and doc["verify"]["weights_only_max_rel_err"] < 1e-3
+    assert doc["wall_time_s"] > 0 and doc["peak_rss_mb"] > 0
+
+    # the export reloads through transformers' compressed-tensors support
+    lm = load_model(str(out), dtype="float32", device="cpu")
+    logits = lm.model(torch.tensor([[5, 6, 7, 8]])).logits
+    assert torch.isfinite(logits).all()
+    del reload_check
+
+
+def test_probe_push_moves_malicious_states_further_than_mse():
+    """Same model, data and schedule through the engine: with the Q-realign objective the
+    quantized model's malicious last-token states move towards the probe's malicious side, with
+    OmniQuant's MSE they do not (the probe term reaches the clipping and smoothing parameters)."""
+    import copy
+
+    from conftest import make_tiny_llama
+    from safeptq.data.calib import CalibSet
+    from safeptq.objectives import MSE, ProbePush
+    from safeptq.probes import LayerProbes
+    from safeptq.quant.args import resolve_scheme
+    from safeptq.quant.engine import BlockwiseConfig, calibrate_blockwise
+
+    n, t = 16, 12
+    x = torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 0] * (n // 2))
+    calib = CalibSet(x, torch.ones_like(x), labels, torch.full((n,), t - 1), ["toy"] * n)
+    base = make_tiny_llama(seed=3).eval()
+    with torch.no_grad():  # blocks whose output matters next to the residual (random init is near-identity)
+        for w in base.model.layers.parameters():
+            if w.dim() == 2:
+                w.mul_(10.0)
+
+    def last_states(model):
+        out = []
+        hooks = [m.register_forward_hook(lambda mod, a, o: out.append(o[0] if isinstance(o, tuple) else o))
+                 for m in model.model.layers]
+        with torch.no_grad():
+            model(x)
+        for h in hooks:
+            h.remove()
+        return [s[:, -1] for s in out]
+
+    coef = torch.randn(2, 64, generator=torch.Generator().manual_seed(1)) / 8
+    fp = last_states(base)
+    probes = LayerProbes(coef, torch.stack([-((fp[i] @ coef[i]).max() + 0.5) for i in range(2)]))
+
+    def malicious_score(model):
+        return (last_states(model)[-1][labels == 1] @ coef[1] + probes.intercept[1]).mean().item()
+
+    cfg = BlockwiseConfig(scheme=resolve_scheme("w4a16", group_size=32), epochs=20, batch_size=8, device="cpu",
+                          lr_lwc=0.05, lr_let=0.01)
+    m_mse, m_push = copy.deepcopy(base), copy.deepcopy(base)
+    calibrate_blockwise(m_mse, calib, MSE(), cfg, progress=False)
+    calibrate_blockwise(m_push, calib, ProbePush(probes, margin=2.0), cfg, progress=False)
+    assert malicious_score(base) < 0
+    assert malicious_score(m_push) > malicious_score(m_mse) + 0.3
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--malicious-share", "1.5"], "--malicious-share"),
+    (["--probes", "P", "--probe-model", "M"], "either --probes or --probe-model"),
+    (["--probe-weight", "-1"], "--probe-weight"),
+    (["--schedule", "fast"], "invalid choice"),
+    (["--scheme", "w3a99"], "scheme"),
+])
+def test_bad_input_is_one_line(tiny_model_dir, tmp_path, home, capsys, argv, needle):
+    base = {"--scheme": "w8a8"}
+    flags = [x for k, v in base.items() if k not in argv for x in (k, v)]
+    try:
+        rc, cap = _run(capsys, "--model", tiny_model_dir, "--out", tmp_path / "o", *flags, *argv)
+    except SystemExit as e:  # argparse choices
+        rc, cap = e.code, capsys.readouterr()
+    assert rc == 2 and needle in cap.err and "Traceback" not in cap.err
+    assert not (tmp_path / "o" / "realign.json").exists()
+
+
+def test_probes_of_another_depth_are_refused(tiny_model_dir, shared_data, tmp_path, home, capsys):
+    from safeptq.probes import LayerProbes
+
+    LayerProbes(torch.zeros(5, 64), torch.zeros(5)).save(tmp_path / "p5")
+    rc, cap = _run(capsys, "--model", tiny_model_dir, "--probes", tmp_path / "p5", "--scheme", "w8a8",
+                   "--data-dir", shared_data, "--out", tmp_path / "o", *_FAST)
+    assert rc == 2 and "cover 5 layers" in cap.err
+    assert not (tmp_path / "o" / "realign.json").exists()
+
+
+def test_quantize_points_realign_users_to_the_realign_command(tiny_model_dir, tmp_path, capsys):
+    rc = main(["quantize", "--model", str(tiny_model_dir), "--method", "realign", "--scheme", "w8a8",
+               "--out", str(tmp_path / "o")])
+    assert rc == 2 and "safeptq realign" in capsys.readouterr().err
