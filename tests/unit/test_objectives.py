@@ -84,7 +84,10 @@ def test_probe_push_malicious_softplus_benign_mse():
     # an all-benign batch is plain MSE
     benign = _batch(layer=1)
     assert torch.equal(obj(benign), masked_mse(benign))
-    assert obj.describe() == {"name": "realign", "probe_weight": 1.0, "margin": 0.5, "layers": 2}
+    d = obj.describe()
+    assert {k: d[k] for k in ("name", "probe_weight", "margin", "layers")} == {
+        "name": "realign", "probe_weight": 1.0, "margin": 0.5, "layers": 2}
+    assert d["probes_sha"] != ProbePush(_probes(seed=2)).describe()["probes_sha"]  # resume keys on the probes
 
 
 def test_probe_push_moves_the_last_token_across_the_probe():
@@ -131,3 +134,17 @@ def test_registry():
     with pytest.raises(UnknownNameError, match="unknown objective 'msee'; choose one of") as e:
         get_objective("msee")
     assert "mse" in str(e.value) and "realign" in str(e.value)
+
+
+def test_auto_margin_is_the_probe_models_median_per_layer():
+    probes = _probes(layers=2)
+    probes.meta = {"median_margin_malicious": [3.0, -1.0]}  # a negative median is floored at 0
+    obj = ProbePush(probes, margin="auto")
+    assert obj.margin == [3.0, 0.0]
+    b = _batch(layer=0, labels=(1, 1, 1))
+    z = obj.probe_logit(0, b.last_token())
+    assert torch.allclose(obj(b), torch.nn.functional.softplus(3.0 - z))
+    with pytest.raises(ConfigError, match="margin auto"):
+        ProbePush(_probes(), margin="auto")
+    with pytest.raises(ConfigError, match="3 margins for 2 probe layers"):
+        ProbePush(_probes(layers=2), margin=[1.0, 2.0, 3.0])

@@ -115,6 +115,10 @@ class QuantizeCommand(Command):
         g.add_argument("--lr-let", type=float, default=1e-3, help="learning rate of the smoothing scales (1e-3)")
         g.add_argument("--no-lwc", action="store_true", help="no learnable weight clipping (min/max ranges)")
         g.add_argument("--no-let", action="store_true", help="no learnable equivalent transformation (smoothing)")
+        g.add_argument("--train-norms", action="store_true",
+                       help="also learn each block's two RMSNorm gains (not an equivalent transform, not in the "
+                            "papers: an extra lever for objectives that must change behaviour, e.g. realign)")
+        g.add_argument("--lr-norm", type=float, default=1e-3, help="learning rate of the norm gains (1e-3)")
         g.add_argument("--let-alpha", type=float, default=0.5,
                        help="SmoothQuant migration strength that initialises the smoothing scales (0.5)")
         g.add_argument("--seed", type=int, default=0)
@@ -168,7 +172,7 @@ class QuantizeCommand(Command):
                 raise ConfigError(f"{flag} must be at least {low}, got {v}")
         if args.eval_limit is not None and args.eval_limit <= 0:
             raise ConfigError(f"--eval-limit must be positive, got {args.eval_limit}")
-        for flag, v in (("--lr-lwc", args.lr_lwc), ("--lr-let", args.lr_let)):
+        for flag, v in (("--lr-lwc", args.lr_lwc), ("--lr-let", args.lr_let), ("--lr-norm", args.lr_norm)):
             if not v > 0:
                 raise ConfigError(f"{flag} must be positive, got {v}")
         if not 0 <= args.let_alpha <= 1:
@@ -285,7 +289,8 @@ class QuantizeCommand(Command):
 
             cfg = BlockwiseConfig(scheme=scheme, lwc=not args.no_lwc, let=not args.no_let, let_alpha=args.let_alpha,
                                   epochs=epochs, batch_size=args.batch_size, lr_lwc=args.lr_lwc,
-                                  lr_let=args.lr_let, device=str(device), seed=args.seed)
+                                  lr_let=args.lr_let, train_norms=args.train_norms, lr_norm=args.lr_norm,
+                                  device=str(device), seed=args.seed)
         recipe = {"method": args.method, "scheme": scheme.name, "group_size": args.group_size,
                   "calib": args.calib if calib is not None else None,
                   "nsamples": args.nsamples if calib is not None else None,
@@ -294,7 +299,8 @@ class QuantizeCommand(Command):
         if cfg is not None:
             recipe.update({"epochs": list(epochs) if isinstance(epochs, tuple) else epochs,
                            "batch_size": args.batch_size, "lr_lwc": args.lr_lwc, "lr_let": args.lr_let,
-                           "lwc": cfg.lwc, "let": cfg.let, "let_alpha": args.let_alpha})
+                           "lwc": cfg.lwc, "let": cfg.let, "let_alpha": args.let_alpha,
+                           "train_norms": cfg.train_norms, "lr_norm": args.lr_norm if cfg.train_norms else None})
         log.info("quantizing %s with %s to %s%s", args.model, args.method, scheme.name,
                  f" on {len(calib)} calibration samples" if calib is not None else "")
 

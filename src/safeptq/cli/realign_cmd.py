@@ -64,8 +64,9 @@ class RealignCommand(QuantizeCommand):
                        help="share of malicious prompts in the calibration mix (0.75, the paper's 3:1); "
                             "ignored when --calib is given")
         g.add_argument("--probe-weight", type=float, default=1.0, help="weight of the probe term (1.0)")
-        g.add_argument("--margin", type=float, default=0.0,
-                       help="push malicious states to probe score >= MARGIN rather than 0 (0.0)")
+        g.add_argument("--margin", default="0",
+                       help="push malicious states to probe score >= MARGIN rather than 0; 'auto' = per layer, "
+                            "the probe model's own median malicious score (0, the paper's loss)")
         g.add_argument("--sep-limit", type=int, default=100,
                        help="held-out prompts per class for the before/after separability (100; 0 skips it)")
 
@@ -84,6 +85,11 @@ class RealignCommand(QuantizeCommand):
             raise ConfigError("give either --probes or --probe-model, not both")
         if args.probe_c <= 0:
             raise ConfigError(f"--probe-c must be positive, got {args.probe_c}")
+        if args.margin != "auto":
+            try:
+                args.margin = float(args.margin)
+            except ValueError:
+                raise ConfigError(f"--margin must be a number or 'auto', got {args.margin!r}") from None
         if args.sep_limit < 0:
             raise ConfigError(f"--sep-limit must be non-negative, got {args.sep_limit}")
         if args.calib is None:

@@ -25,12 +25,23 @@ class ProbePush(BlockObjective):
 
     name = "realign"
 
-    def __init__(self, probes, probe_weight: float = 1.0, margin: float = 0.0) -> None:
+    def __init__(self, probes, probe_weight: float = 1.0, margin: float | str | list[float] = 0.0) -> None:
         if probe_weight < 0:
             raise ConfigError(f"--probe-weight must be non-negative, got {probe_weight}")
         self.coef = torch.as_tensor(probes.coef, dtype=torch.float32)
         self.intercept = torch.as_tensor(probes.intercept, dtype=torch.float32)
         self.probe_weight = probe_weight
+        if margin == "auto":
+            # per layer: the median score of the probe model's own malicious prompts, i.e. push the
+            # states back to where the aligned model keeps them, not just across the boundary
+            med = (getattr(probes, "meta", None) or {}).get("median_margin_malicious")
+            if not med:
+                raise ConfigError("--margin auto needs probes fitted by this version of safeptq "
+                                  "(their metadata lacks median_margin_malicious); refit them or give a number")
+            margin = [max(0.0, float(m)) for m in med]
+        if isinstance(margin, (list, tuple)):
+            if len(margin) != self.coef.shape[0]:
+                raise ConfigError(f"{len(margin)} margins for {self.coef.shape[0]} probe layers")
         self.margin = margin
 
     def probe_logit(self, layer: int, h: torch.Tensor) -> torch.Tensor:
@@ -44,7 +55,8 @@ class ProbePush(BlockObjective):
         mal = batch.labels.to(batch.output.device) == 1
         loss = masked_mse(batch)
         if mal.any():
-            push = F.softplus(self.margin - self.probe_logit(batch.layer, batch.last_token()))
+            m = self.margin[batch.layer] if isinstance(self.margin, (list, tuple)) else self.margin
+            push = F.softplus(m - self.probe_logit(batch.layer, batch.last_token()))
             loss = torch.where(mal, self.probe_weight * push, loss)
         return loss
 

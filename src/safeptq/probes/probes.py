@@ -150,8 +150,13 @@ def fit_probes(states: torch.Tensor, labels: torch.Tensor, *, C: float = 1.0, he
         w, b = fit(x, y)
         coef[layer] = torch.from_numpy(w).float()
         intercept[layer] = float(b)
+    z = torch.einsum("lnh,lh->ln", states.float(), coef) + intercept[:, None]
+    mal = torch.from_numpy(y).bool()
     meta = {"C": C, "penalty": "l1", "solver": "liblinear", "n": int(len(y)), "malicious": int(y.sum()),
-            "held_out": held_out, "heldout_accuracy": acc, "seed": seed}
+            "held_out": held_out, "heldout_accuracy": acc, "seed": seed,
+            # where this model keeps its malicious / benign prompts along each probe (``--margin auto``)
+            "median_margin_malicious": z[:, mal].median(1).values.tolist(),
+            "median_margin_benign": z[:, ~mal].median(1).values.tolist()}
     return LayerProbes(coef, intercept, meta)
 
 

@@ -62,6 +62,11 @@ class BlockwiseConfig:
     lr_lwc: float = 1e-2
     lr_let: float = 1e-3
     weight_decay: float = 0.0
+    # Also learn the two RMSNorm gains of each block. Not an equivalent transform and not in the
+    # papers: an opt-in extra lever (the DESIGN.md prototype's) for objectives that must move the
+    # function more than quantization error can. The gains stay full precision in the export.
+    train_norms: bool = False
+    lr_norm: float = 1e-3
     patience: int = 0  # stop a block after this many epochs without relative improvement (0 = off)
     min_delta: float = 0.01
     device: str | None = None
@@ -208,6 +213,14 @@ def _trainable_groups(layer: nn.Module, smoothing, cfg: BlockwiseConfig) -> list
         groups.append({"params": lwc, "lr": cfg.lr_lwc})
     if smoothing is not None:
         groups.append({"params": list(smoothing.parameters()), "lr": cfg.lr_let})
+    if cfg.train_norms:
+        norms = []
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            mod = getattr(layer, name)
+            w = (mod.norm if hasattr(mod, "norm") else mod).weight  # ScaledNorm wraps the RMSNorm under LET
+            w.requires_grad_(True)
+            norms.append(w)
+        groups.append({"params": norms, "lr": cfg.lr_norm})
     return groups
 
 
@@ -313,6 +326,8 @@ def calibrate_blockwise(model: nn.Module, calib: CalibSet, objective: BlockObjec
             losses = _train_block(i, layer, smoothing, q_inps, fp_out, calib, kwargs, objective, cfg, n_epochs,
                                   device, bar)
         with torch.no_grad():
+            for p in layer.parameters():
+                p.requires_grad_(False)
             if smoothing is not None:
                 fold_smoothing(layer, smoothing)
             block_q = {}

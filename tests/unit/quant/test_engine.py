@@ -231,3 +231,18 @@ def test_right_padding_does_not_change_the_loss_of_real_tokens():
     unmasked = MSE()(BlockBatch(0, out_pad, fp_pad, torch.ones_like(mask_pad), b_pad.labels, b_pad.last_idx))
     assert not torch.allclose(unmasked, l_real, rtol=1e-3)
     detach_act_quant(qlayer)
+
+
+def test_train_norms_is_opt_in_and_moves_only_the_gains():
+    base = make_tiny_llama(seed=4)
+    calib = calib_set()
+    off, on = copy.deepcopy(base), copy.deepcopy(base)
+    calibrate_blockwise(off, calib, MSE(), _cfg("w4a16", epochs=2, let=False), progress=False)
+    calibrate_blockwise(on, calib, MSE(), _cfg("w4a16", epochs=2, let=False, train_norms=True, lr_norm=1e-2),
+                        progress=False)
+    for b, f, t in zip(base.model.layers, off.model.layers, on.model.layers):
+        assert torch.equal(b.input_layernorm.weight, f.input_layernorm.weight)  # off: gains untouched
+        assert not torch.equal(b.input_layernorm.weight, t.input_layernorm.weight)
+        assert not torch.equal(b.post_attention_layernorm.weight, t.post_attention_layernorm.weight)
+        assert not any(p.requires_grad for p in t.parameters())
+    assert torch.equal(base.model.norm.weight, on.model.norm.weight)  # the final norm is not a block's
