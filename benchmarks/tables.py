@@ -18,6 +18,9 @@ def load(folder: Path) -> dict | None:
     for name in ("realign.json", "quantize.json"):
         if (folder / name).is_file():
             return json.loads((folder / name).read_text())
+    if (folder / "eval.json").is_file():  # a full-precision reference from `safeptq eval`
+        ev = json.loads((folder / "eval.json").read_text())
+        return {"recipe": {"method": "fp"}, "scheme": {"name": "fp"}, "eval": ev.get("suites", ev)}
     return None
 
 
@@ -35,9 +38,11 @@ def main(folders: list[str]) -> None:
         sep = doc.get("separability") or {}
         after = (sep.get("after") or {}).get("mean_late_layers") or {}
         cells.append(f"{after['malicious_on_malicious_side']:.2f}" if after else "—")
-        cells += [f"{doc.get('quantize_time_s', 0):.0f}", f"{doc.get('peak_rss_mb', 0):.0f}"]
+        cal = doc.get("calibration") or {}
+        cells += ["—" if "quantize_time_s" not in doc else f"{doc['quantize_time_s']:.0f}",
+                  "—" if not cal.get("peak_rss_mb") else f"{cal['peak_rss_mb']:.0f}"]
         rows.append(cells)
-    head = ["run", "method", "scheme", *SUITES, "mal. on mal. side (after)", "quantize s", "peak RSS MiB"]
+    head = ["run", "method", "scheme", *SUITES, "mal. on mal. side (after)", "quantize s", "peak RSS MiB (calibration)"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
