@@ -31,7 +31,25 @@ def test_help_lists_the_papers_options(capsys):
                  "--scheme", "--resume", "--out"):
         assert flag in out
     assert "--method" not in out  # fixed to the block-wise engine with the probe objective
-    assert SCHEDULES["paper"] == {"epochs": "5,15", "batch_size": 1}
+    assert SCHEDULES["paper"] == {"epochs": "5,15", "batch_size": 1, "lr_lwc": 1e-2, "lr_let": 1e-3,
+                                  "train_norms": False, "margin": 0.0}
+
+
+def test_schedule_fills_only_what_the_command_line_left_unset():
+    from safeptq.cli.main import build_parser
+    from safeptq.cli.realign_cmd import RealignCommand
+
+    base = ["realign", "--model", "m", "--scheme", "w8a8", "--out", "o"]
+    args = build_parser().parse_args(base + ["--schedule", "paper", "--lr-lwc", "0.05"])
+    RealignCommand().resolve_defaults(args)
+    assert (args.epochs, args.batch_size, args.lr_lwc, args.lr_let, args.train_norms, args.margin) == \
+        ("5,15", 1, 0.05, 1e-3, False, 0.0)
+    assert args.lr_norm == 1e-3  # not in the paper schedule: the engine's default
+    args = build_parser().parse_args(base + ["--no-train-norms", "--margin", "2"])
+    RealignCommand().resolve_defaults(args)
+    d = SCHEDULES["default"]
+    assert (args.epochs, args.batch_size, args.lr_lwc, args.train_norms, args.margin) == \
+        (d["epochs"], d["batch_size"], d["lr_lwc"], False, 2.0)
 
 
 def test_realign_w8a8_exports_reloads_and_records_separability(tiny_model_dir, shared_data, tmp_path, home, capsys):

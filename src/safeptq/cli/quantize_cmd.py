@@ -62,6 +62,8 @@ class QuantizeCommand(Command):
     nsamples_default = 128
     epochs_default: str | None = "2"
     batch_size_default: int | None = 4
+    # block-wise training knobs left unset on the command line (OmniQuant's learning rates)
+    train_defaults = {"lr_lwc": 1e-2, "lr_let": 1e-3, "train_norms": False, "lr_norm": 1e-3}
     help = "quantize a model (RTN, OmniQuant-style LWC+LET, or llm-compressor GPTQ/AWQ) and export it"
     description = ("Quantize the decoder linears of a Llama-shaped causal LM to a scheme and export the result: "
                    "compressed-tensors (pack-quantized / int-quantized, servable by vLLM) where the scheme has a "
@@ -111,14 +113,17 @@ class QuantizeCommand(Command):
                             f"({self.epochs_default or 'from --schedule'})")
         g.add_argument("--batch-size", type=int, default=self.batch_size_default,
                        help=f"samples per step ({self.batch_size_default or 'from --schedule'})")
-        g.add_argument("--lr-lwc", type=float, default=1e-2, help="learning rate of the clipping factors (1e-2)")
-        g.add_argument("--lr-let", type=float, default=1e-3, help="learning rate of the smoothing scales (1e-3)")
+        g.add_argument("--lr-lwc", type=float, default=None,
+                       help=f"learning rate of the clipping factors ({self._default_text('lr_lwc')})")
+        g.add_argument("--lr-let", type=float, default=None,
+                       help=f"learning rate of the smoothing scales ({self._default_text('lr_let')})")
         g.add_argument("--no-lwc", action="store_true", help="no learnable weight clipping (min/max ranges)")
         g.add_argument("--no-let", action="store_true", help="no learnable equivalent transformation (smoothing)")
-        g.add_argument("--train-norms", action="store_true",
-                       help="also learn each block's two RMSNorm gains (not an equivalent transform, not in the "
-                            "papers: an extra lever for objectives that must change behaviour, e.g. realign)")
-        g.add_argument("--lr-norm", type=float, default=1e-3, help="learning rate of the norm gains (1e-3)")
+        g.add_argument("--train-norms", action=argparse.BooleanOptionalAction, default=None,
+                       help="also learn each block's two RMSNorm gains (not an equivalent transform: an extra "
+                            f"lever for objectives that must change behaviour, e.g. realign; {self._default_text('train_norms')})")
+        g.add_argument("--lr-norm", type=float, default=None,
+                       help=f"learning rate of the norm gains ({self._default_text('lr_norm')})")
         g.add_argument("--let-alpha", type=float, default=0.5,
                        help="SmoothQuant migration strength that initialises the smoothing scales (0.5)")
         g.add_argument("--seed", type=int, default=0)
@@ -136,12 +141,22 @@ class QuantizeCommand(Command):
         g.add_argument("--out", required=True, help="output folder (a new folder or an earlier safeptq export)")
         g.add_argument("--no-progress", action="store_true")
 
+    def _default_text(self, key: str) -> str:
+        if self.epochs_default is None:  # a subclass whose --schedule sets the training knobs
+            return "default from --schedule"
+        v = self.train_defaults[key]
+        return ("default on" if v else "default off") if isinstance(v, bool) else f"{v:g}"
+
     # -- hooks for subclasses -------------------------------------------------------------------
     def add_method_arguments(self, p: argparse.ArgumentParser) -> None:
         """Extra option groups of a subclass's method."""
 
     def resolve_defaults(self, args: argparse.Namespace) -> None:
-        """Fill options whose defaults depend on others (e.g. a schedule)."""
+        """Fill options whose defaults depend on others (e.g. a schedule); a subclass sets its own
+        values first and calls this last, which fills what is still unset from ``train_defaults``."""
+        for key, value in self.train_defaults.items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
         if self.fixed_method is not None:
             args.method = self.fixed_method
         elif args.method == "realign":

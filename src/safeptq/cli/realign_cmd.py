@@ -20,10 +20,16 @@ __all__ = ["RealignCommand", "SCHEDULES"]
 log = logging.getLogger(__name__)
 
 SCHEDULES = {
-    # the authors' code: batch size 1, 5 epochs per block in the first half of the layers, 15 after
-    "paper": {"epochs": "5,15", "batch_size": 1},
-    # the fastest schedule that met the acceptance on the organism (BENCHMARKS.md, "Q-realign schedule")
-    "default": {"epochs": "2", "batch_size": 4},
+    # the authors' code: batch size 1, 5 epochs per block in the first half of the layers, 15 after,
+    # AdamW with LWC lr 1e-2 and LET lr 1e-3, the plain softplus(-score) loss, LWC + LET only
+    "paper": {"epochs": "5,15", "batch_size": 1, "lr_lwc": 1e-2, "lr_let": 1e-3, "train_norms": False,
+              "margin": 0.0},
+    # the fastest schedule that met the acceptance on the organism (BENCHMARKS.md, "Q-realign schedule"):
+    # one batched epoch per block; clipping factors learn 10x faster; the RMSNorm gains are trained too
+    # (LWC + LET alone moved too little at W8A8) and malicious states are pushed to the aligned model's
+    # own median probe score rather than just across the boundary
+    "default": {"epochs": "1", "batch_size": 4, "lr_lwc": 1e-1, "lr_let": 1e-3, "train_norms": True,
+                "lr_norm": 1e-2, "margin": "auto"},
 }
 
 
@@ -64,21 +70,20 @@ class RealignCommand(QuantizeCommand):
                        help="share of malicious prompts in the calibration mix (0.75, the paper's 3:1); "
                             "ignored when --calib is given")
         g.add_argument("--probe-weight", type=float, default=1.0, help="weight of the probe term (1.0)")
-        g.add_argument("--margin", default="0",
-                       help="push malicious states to probe score >= MARGIN rather than 0; 'auto' = per layer, "
-                            "the probe model's own median malicious score (0, the paper's loss)")
+        g.add_argument("--margin", default=None,
+                       help="push malicious states to probe score >= MARGIN rather than 0 (the paper's loss); "
+                            "'auto' = per layer, the probe model's own median malicious score "
+                            f"(default: the schedule's, {SCHEDULES['default']['margin']})")
         g.add_argument("--sep-limit", type=int, default=100,
                        help="held-out prompts per class for the before/after separability (100; 0 skips it)")
 
     def resolve_defaults(self, args: argparse.Namespace) -> None:
         from ..errors import ConfigError
 
+        for key, value in SCHEDULES[args.schedule].items():  # explicit options win over the schedule
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
         super().resolve_defaults(args)
-        sched = SCHEDULES[args.schedule]
-        if args.epochs is None:
-            args.epochs = sched["epochs"]
-        if args.batch_size is None:
-            args.batch_size = sched["batch_size"]
         if not 0 < args.malicious_share < 1:
             raise ConfigError(f"--malicious-share must be in (0, 1), got {args.malicious_share}")
         if args.probes and args.probe_model:

@@ -9,7 +9,8 @@ import torch
 
 from safeptq.errors import UnknownNameError
 
-__all__ = ["BlockBatch", "BlockObjective", "register_objective", "get_objective", "objective_names"]
+__all__ = ["BlockBatch", "BlockObjective", "register_objective", "get_objective", "objective_names",
+           "E2EObjective", "register_e2e_objective", "get_e2e_objective", "e2e_objective_names"]
 
 
 @dataclass
@@ -60,3 +61,48 @@ def get_objective(name: str, **kwargs) -> BlockObjective:
     if name not in _REGISTRY:
         raise UnknownNameError(f"unknown objective {name!r}; choose one of {', '.join(objective_names())}")
     return _REGISTRY[name](**kwargs)
+
+
+class E2EObjective:
+    """Base class of end-to-end objectives, which see the whole model's output logits.
+
+    ``terms(student_logits, refs, mask)`` gets the quantized model's logits ``[B, T, V]``, the
+    references' top-K entries for the same rows (a :class:`safeptq.objectives.kl.RefBatch`) and the
+    token mask ``[B, T]`` (1 on real tokens), and returns named scalar tensors: ``"loss"`` (what is
+    minimised) and any terms worth logging. ``references`` names the references it reads.
+    """
+
+    name = "e2e"
+
+    @property
+    def references(self) -> tuple[str, ...]:
+        return ()
+
+    def terms(self, student_logits: torch.Tensor, refs, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def __call__(self, student_logits: torch.Tensor, refs, mask: torch.Tensor) -> torch.Tensor:
+        return self.terms(student_logits, refs, mask)["loss"]
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+
+_E2E_REGISTRY: dict[str, Callable[..., E2EObjective]] = {}
+
+
+def register_e2e_objective(name: str, factory: Callable[..., E2EObjective]) -> None:
+    """Register an end-to-end objective (kept apart from the block-wise ones: other inputs)."""
+    _E2E_REGISTRY[name] = factory
+
+
+def e2e_objective_names() -> list[str]:
+    return sorted(_E2E_REGISTRY)
+
+
+def get_e2e_objective(name: str, **kwargs) -> E2EObjective:
+    if name not in _E2E_REGISTRY:
+        raise UnknownNameError(
+            f"unknown end-to-end objective {name!r}; choose one of {', '.join(e2e_objective_names())}"
+        )
+    return _E2E_REGISTRY[name](**kwargs)

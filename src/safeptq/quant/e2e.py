@@ -1,0 +1,443 @@
+"""The calibration engine, end-to-end scope (OSTQuant / AAQ).
+
+1. Prepare (:func:`prepare_end_to_end`): with ``rotation`` on, a random Hadamard ``Q0`` is fused
+   into the residual stream (norms folded, embeddings untied) and a learnable
+   :class:`~safeptq.quant.rotation.CayleyRotation` ``R`` (identity at init) is attached on top, so
+   the stream is rotated by ``Q0·R``: the same parametrisation as a Cayley rotation initialised
+   at ``Q0``, but with ``Q0`` already in the weights the SmoothQuant initialisation of the
+   smoothing scales reads rotated weights and activations. An online Hadamard goes on every
+   down_proj input. Smoothing scales (SmoothQuant-initialised on the full-precision stream) are
+   attached, then every decoder linear gets the scheme's quantizers (weights fake-quantized with
+   a straight-through estimator and, with ``lwc``, learnable clipping; activations per token).
+2. Train all transforms jointly (AdamW, one parameter group each for rotation, smoothing and LWC;
+   the Cayley map keeps ``R`` orthogonal) on the objective over the whole model's logits. Batches
+   are drawn from per-epoch permutations fixed by the seed, so a resumed run sees the same data.
+3. Fold (:func:`fold_end_to_end`): the rotation, then the smoothing scales, are baked into the
+   weights exactly (float64); the engine checks the full-precision logits before and after.
+4. Finish (:func:`finalize_model`, the block-wise engine's finishing step): weights are quantized
+   by round-to-nearest with the learned clipping, linears unwrapped to plain ``nn.Linear`` with
+   quantized-dequantized weights and activation quantization as hooks. GPTQ is not applied.
+
+The whole model lives on ``cfg.device`` (float32 while calibrating, its own dtype afterwards); the
+references stay on CPU and only the batch's top-K moves. With ``work_dir`` the transform
+parameters, optimizer state and step are checkpointed every ``save_every`` steps;
+``resume=True`` continues from there (refused if the recipe, model, references or calibration
+set differ).
+
+Not done here (OSTQuant has them): per-head v/o rotations, online Hadamards on q/k after RoPE,
+Riemannian Adam on the Stiefel manifold, a learning-rate schedule. Note that the exporter refuses
+online Hadamards (``online_hadamard=False`` gives an exportable model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from safeptq.data.calib import CalibSet
+from safeptq.errors import CalibrationError, ConfigError
+from safeptq.objectives.base import E2EObjective
+from safeptq.objectives.references import References
+from safeptq.quant.args import Scheme, resolve_scheme
+from safeptq.quant.deploy import attach_act_quant
+from safeptq.quant.engine import check_architecture, peak_memory_mb
+from safeptq.quant.qlinear import (
+    LLAMA_LINEARS,
+    QuantLinear,
+    set_quantizers_enabled,
+    unwrap_decoder_layer,
+    wrap_decoder_layer,
+)
+from safeptq.quant.quantizer import QuantizedWeight, WeightQuantizer
+from safeptq.quant.rotation import (
+    CayleyRotation,
+    OnlineHadamard,
+    add_online_hadamard,
+    attach_residual_rotation,
+    decoder_parts,
+    fold_residual_rotation,
+    fuse_residual_rotation,
+    random_hadamard,
+)
+from safeptq.quant.smoothing import (
+    PAIRS,
+    LayerSmoothing,
+    attach_smoothing,
+    fold_smoothing,
+    init_smoothing,
+    record_smoothing_stats,
+)
+
+__all__ = ["E2EConfig", "E2EResult", "E2ETransforms", "prepare_end_to_end", "fold_end_to_end", "finalize_model",
+           "calibrate_end_to_end", "FOLD_TOLERANCE"]
+
+log = logging.getLogger(__name__)
+
+FOLD_TOLERANCE = 1e-3
+"""Largest relative change of the full-precision logits that folding may cause before it is an error."""
+_STATE = "e2e_state.pt"
+
+
+@dataclass
+class E2EConfig:
+    scheme: Scheme | str
+    steps: int = 100
+    batch_size: int = 4
+    lr_rotation: float = 1e-3  # on the Cayley parameter A (S = A - Aᵀ); untuned default
+    lr_smoothing: float = 1e-3
+    lr_lwc: float = 1e-2
+    weight_decay: float = 0.0
+    rotation: bool = True
+    online_hadamard: bool | None = None  # None: same as ``rotation``
+    smoothing: bool = True
+    smooth_alpha: float = 0.5
+    smooth_pairs: tuple[str, ...] = PAIRS
+    lwc: bool = True
+    save_every: int = 20  # checkpoint every N steps (with a work dir; 0 = only at the end)
+    seed: int = 0
+    device: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.scheme, str):
+            self.scheme = resolve_scheme(self.scheme)
+        for name in ("steps", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"batch size must be positive, got {self.batch_size}")
+        for name in ("lr_rotation", "lr_smoothing", "lr_lwc", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ConfigError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+        self.smooth_pairs = tuple(self.smooth_pairs)
+        bad = [p for p in self.smooth_pairs if p not in PAIRS]
+        if bad:
+            raise ConfigError(f"unknown smoothing pair(s) {bad}; valid: {list(PAIRS)}")
+
+    @property
+    def use_online_hadamard(self) -> bool:
+        return self.rotation if self.online_hadamard is None else self.online_hadamard
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint depends on (steps, save_every and device may change on resume)."""
+        d = asdict(self)
+        d["scheme"] = self.scheme.model_dump(mode="json")
+        for k in ("steps", "save_every", "device"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class E2EResult:
+    """``qparams`` by linear name (empty unless finalized); ``records`` one dict per step (loss
+    before that step's update and each objective term); ``loss_start``/``loss_end``: the objective
+    on the first batch before training and after the last step; ``fold_rel_err``: relative change
+    of the full-precision logits caused by folding."""
+
+    qparams: dict[str, QuantizedWeight]
+    records: list[dict] = field(default_factory=list)
+    loss_start: float | None = None
+    loss_end: float | None = None
+    fold_rel_err: float | None = None
+    wall_time_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    peak_accel_mb: float | None = None
+    resumed_from: int = 0
+
+    @property
+    def losses(self) -> list[float]:
+        return [r["loss"] for r in self.records]
+
+    def summary(self) -> dict:
+        return {"steps": len(self.records), "loss_start": self.loss_start, "loss_end": self.loss_end,
+                "fold_rel_err": self.fold_rel_err, "wall_time_s": round(self.wall_time_s, 1),
+                "peak_rss_mb": round(self.peak_rss_mb, 1), "peak_accel_mb": self.peak_accel_mb,
+                "resumed_from_step": self.resumed_from}
+
+
+class E2ETransforms(nn.Module):
+    """The learnable transforms attached to a model: one residual rotation and per-layer smoothing."""
+
+    def __init__(self, rotation: CayleyRotation | None, smoothing: list[LayerSmoothing]) -> None:
+        super().__init__()
+        self.rotation = rotation
+        self.smoothing = nn.ModuleList(smoothing)
+
+
+# --- prepare / fold / finish -----------------------------------------------------------------------
+def _batches(calib: CalibSet, batch_size: int):
+    for start in range(0, len(calib), batch_size):
+        yield calib.input_ids[start:start + batch_size]
+
+
+@torch.no_grad()
+def _smoothing_stats(model: nn.Module, calib: CalibSet, batch_size: int, device) -> list[dict]:
+    _, layers, _, _ = decoder_parts(model)
+    with ExitStack() as stack:
+        stats = [stack.enter_context(record_smoothing_stats(layer)) for layer in layers]
+        for ids in _batches(calib, batch_size):
+            model(input_ids=ids.to(device), use_cache=False)
+    return stats
+
+
+def prepare_end_to_end(model: nn.Module, calib: CalibSet, cfg: E2EConfig) -> E2ETransforms:
+    """Attach rotation, smoothing and quantizers to ``model`` (on its device) for training.
+
+    The full-precision function is unchanged (quantizers aside): with quantizers disabled the
+    model computes what it did before. Model parameters are frozen; the returned transforms and
+    the LWC factors are the trainable parameters.
+    """
+    _, layers, _, _ = decoder_parts(model)
+    check_architecture(model)
+    device = next(model.parameters()).device
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hidden = decoder_parts(model)[0].weight.shape[1]
+    if cfg.rotation:
+        fuse_residual_rotation(model, random_hadamard(hidden, cfg.seed))
+    if cfg.use_online_hadamard:
+        add_online_hadamard(model, seed=cfg.seed + 1)
+    stats = _smoothing_stats(model, calib, cfg.batch_size, device) if cfg.smoothing else []
+    rotation = None
+    if cfg.rotation:
+        rotation = CayleyRotation(hidden, init=torch.eye(hidden, dtype=torch.float64)).to(device)
+        attach_residual_rotation(model, rotation)
+    smoothing = []
+    for i, layer in enumerate(layers):
+        if cfg.smoothing:
+            sm = init_smoothing(layer, stats[i], cfg.smooth_alpha, cfg.smooth_pairs).to(device)
+            attach_smoothing(layer, sm)
+            smoothing.append(sm)
+        wrap_decoder_layer(layer, cfg.scheme, lwc=cfg.lwc, prefix=f"model.layers.{i}.")
+    return E2ETransforms(rotation, smoothing)
+
+
+@torch.no_grad()
+def fold_end_to_end(model: nn.Module, transforms: E2ETransforms) -> None:
+    """Bake the rotation, then the smoothing scales, into the weights (exact, float64).
+
+    Leaves quantizer-wrapped linears without transforms (online Hadamards stay as input transforms).
+    """
+    if transforms.rotation is not None:
+        fold_residual_rotation(model, transforms.rotation)
+    _, layers, _, _ = decoder_parts(model)
+    for layer, sm in zip(layers, transforms.smoothing):
+        fold_smoothing(layer, sm)
+
+
+@torch.no_grad()
+def finalize_model(model: nn.Module, scheme: Scheme) -> dict[str, QuantizedWeight]:
+    """The block-wise engine's finishing step for every layer: quantize the weights (RTN with the
+    learned clipping), unwrap to plain linears, attach activation quantization hooks; returns
+    the exact integer parameters by linear name (for the exporter)."""
+    _, layers, _, _ = decoder_parts(model)
+    set_quantizers_enabled(model, True)
+    qparams: dict[str, QuantizedWeight] = {}
+    for i, layer in enumerate(layers):
+        for rel in LLAMA_LINEARS:
+            mod = layer.get_submodule(rel)
+            if isinstance(mod, QuantLinear):
+                if mod.transform_keys():
+                    raise ConfigError(f"{mod.name or rel} still has transforms {mod.transform_keys()}; fold them first")
+                if mod.weight_quantizer is not None:
+                    qparams[f"model.layers.{i}.{rel}"] = mod.quantized_weight()
+        unwrap_decoder_layer(layer, fold=True)
+        attach_act_quant(layer, scheme)
+    return qparams
+
+
+# --- training ------------------------------------------------------------------------------------
+def _named_trainables(model: nn.Module, transforms: E2ETransforms, cfg: E2EConfig) -> tuple[dict, list[dict]]:
+    named: dict[str, nn.Parameter] = {}
+    groups = []
+    if transforms.rotation is not None:
+        named["rotation.weight"] = transforms.rotation.weight
+        groups.append({"params": [transforms.rotation.weight], "lr": cfg.lr_rotation, "name": "rotation"})
+    sm = {f"smoothing.{n}": p for n, p in transforms.smoothing.named_parameters()}
+    if sm:
+        named.update(sm)
+        groups.append({"params": list(sm.values()), "lr": cfg.lr_smoothing, "name": "smoothing"})
+    lwc = {}
+    for name, m in model.named_modules():
+        if isinstance(m, WeightQuantizer) and m.lwc:
+            lwc[f"{name}.upbound_factor"], lwc[f"{name}.lowbound_factor"] = m.upbound_factor, m.lowbound_factor
+    if lwc:
+        named.update(lwc)
+        groups.append({"params": list(lwc.values()), "lr": cfg.lr_lwc, "name": "lwc"})
+    for p in named.values():
+        p.requires_grad_(True)
+    return named, groups
+
+
+def _batch_index(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Rows of batch ``step``: consecutive slices of per-epoch permutations fixed by ``seed``."""
+    out, pos = [], step * batch_size
+    while len(out) < batch_size:
+        epoch, off = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        take = perm[off: off + batch_size - len(out)]
+        out.extend(take.tolist())
+        pos += len(take)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def _terms(model, calib: CalibSet, objective: E2EObjective, refs: References, idx: torch.Tensor, device) -> dict:
+    ids = calib.input_ids[idx]
+    batch_refs = refs.batch(idx, ids).to(device)
+    logits = model(input_ids=ids.to(device), use_cache=False).logits
+    return objective.terms(logits, batch_refs, calib.attention_mask[idx].to(device))
+
+
+def _fingerprint(model, calib: CalibSet, objective: E2EObjective, refs: References, cfg: E2EConfig) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"cfg": cfg.fingerprint(), "objective": objective.describe(), "refs": refs.describe(),
+                         "model": getattr(model.config, "_name_or_path", ""),
+                         "layers": len(decoder_parts(model)[1])}, sort_keys=True, default=str).encode())
+    h.update(calib.input_ids.numpy().tobytes())
+    h.update(calib.attention_mask.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _check_inputs(objective: E2EObjective, refs: References, calib: CalibSet) -> None:
+    if not isinstance(objective, E2EObjective):
+        raise ConfigError(f"end-to-end calibration needs an end-to-end objective (kl_top, contrastive_kl_top), "
+                          f"got {type(objective).__name__}")
+    missing = [n for n in objective.references if n not in refs.names]
+    if missing:
+        raise ConfigError(f"objective {objective.name!r} needs reference(s) {missing}; the references hold "
+                          f"{list(refs.names)}")
+    if len(calib) == 0:
+        raise ConfigError("the calibration set is empty")
+    refs.check_calib(calib)
+
+
+def _rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.double(), out.double()
+    return ((out - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
+
+
+def calibrate_end_to_end(model: nn.Module, calib: CalibSet, objective: E2EObjective, refs: References,
+                         cfg: E2EConfig, *, work_dir: str | Path | None = None, resume: bool = False,
+                         progress: bool = True, finalize: bool = True,
+                         on_step: Callable[[dict], None] | None = None) -> E2EResult:
+    """Quantize ``model`` in place end to end (see the module doc).
+
+    ``refs`` must hold the references ``objective`` reads, computed on ``calib``. ``on_step``
+    receives each step's record. ``finalize=False`` stops after folding, leaving
+    quantizer-wrapped linears with full-precision weights (call :func:`finalize_model` later).
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    check_architecture(model)
+    _check_inputs(objective, refs, calib)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    first = next(model.parameters())
+    orig_device, orig_dtype = first.device, first.dtype
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    fp = _fingerprint(model, calib, objective, refs, cfg)
+    model.to(device, torch.float32)
+    transforms = prepare_end_to_end(model, calib, cfg)
+    named, groups = _named_trainables(model, transforms, cfg)
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay) if groups else None
+
+    work = Path(work_dir) if work_dir is not None else None
+    state_path = work / _STATE if work is not None else None
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+    start, records, loss_start = 0, [], None
+    if resume and state_path is not None and state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state["fingerprint"] != fp:
+            raise CalibrationError(f"the checkpoint in {work} was made with another recipe, model, references or "
+                                   "calibration set; remove it or run without resume")
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                named[name].copy_(value.to(named[name].device))
+        if opt is not None:
+            opt.load_state_dict(state["optimizer"])
+        start, records, loss_start = state["step"], json.loads(state["records"]), state["loss_start"]
+        log.info("resuming end-to-end calibration at step %d of %d", start, cfg.steps)
+
+    def save(step_done: int) -> None:
+        if state_path is not None:
+            _save_atomic({"fingerprint": fp, "step": step_done, "loss_start": loss_start,
+                          "params": {n: p.detach().cpu() for n, p in named.items()},
+                          "optimizer": opt.state_dict() if opt is not None else {},
+                          "records": json.dumps(records)}, state_path)
+
+    first_idx = _batch_index(0, len(calib), cfg.batch_size, cfg.seed)
+    steps = cfg.steps if opt is not None else 0
+    bar = tqdm(total=steps, initial=min(start, steps), desc="calibrate end-to-end", unit="step", disable=not progress)
+    try:
+        for step in range(start, steps):
+            ts = time.time()
+            idx = _batch_index(step, len(calib), cfg.batch_size, cfg.seed)
+            with torch.enable_grad():
+                terms = _terms(model, calib, objective, refs, idx, device)
+                loss = terms["loss"]
+                if not torch.isfinite(loss):
+                    raise CalibrationError(f"end-to-end step {step}: the loss became {loss.item()}; lower the "
+                                           "learning rates (lr_rotation / lr_smoothing / lr_lwc)")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            rec = {"step": step, **{k: float(v.detach()) for k, v in terms.items()},
+                   "seconds": round(time.time() - ts, 3)}
+            records.append(rec)
+            if step == 0:
+                loss_start = rec["loss"]
+            done = step + 1
+            if (cfg.save_every and done % cfg.save_every == 0) or done == steps:
+                save(done)
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.4g}")
+            if on_step is not None:
+                on_step(rec)
+    finally:
+        bar.close()
+
+    for p in named.values():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        loss_end = float(_terms(model, calib, objective, refs, first_idx, device)["loss"])
+        if loss_start is None:
+            loss_start = loss_end
+        probe = calib.input_ids[first_idx].to(device)
+        set_quantizers_enabled(model, False)
+        before = model(input_ids=probe, use_cache=False).logits
+        fold_end_to_end(model, transforms)
+        after = model(input_ids=probe, use_cache=False).logits
+        set_quantizers_enabled(model, True)
+        fold_err = _rel_err(before, after)
+        if fold_err > FOLD_TOLERANCE:
+            raise CalibrationError(f"folding the learned transforms changed the full-precision logits by "
+                                   f"{fold_err:.2e} (relative); the transforms are ill-conditioned")
+        qparams = finalize_model(model, cfg.scheme) if finalize else {}
+    # back to the model's own dtype, keeping the online Hadamards in float32
+    hadamards = {m: m.h.clone() for m in model.modules() if isinstance(m, OnlineHadamard)}
+    model.to(orig_device, orig_dtype)
+    for m, h in hadamards.items():
+        m.h = h.to(orig_device)
+    rss, acc = peak_memory_mb()
+    return E2EResult(qparams=qparams, records=records, loss_start=loss_start, loss_end=loss_end,
+                     fold_rel_err=fold_err, wall_time_s=time.time() - t0, peak_rss_mb=rss, peak_accel_mb=acc,
+                     resumed_from=start)
