@@ -20,7 +20,7 @@ def _optional_commands() -> list[Command]:
     """Sub-commands whose modules may not exist yet in a partial install."""
     out = []
     for mod, cls in (("organism_cmd", "OrganismCommand"), ("quantize_cmd", "QuantizeCommand"),
-                     ("realign_cmd", "RealignCommand"), ("probe_cmd", "ProbeCommand")):
+                     ("realign_cmd", "RealignCommand"), ("aaq_cmd", "AAQCommand"), ("probe_cmd", "ProbeCommand")):
         try:
             m = __import__(f"safeptq.cli.{mod}", fromlist=[cls])
             out.append(getattr(m, cls)())

@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .base import Command, add_data_options, print_table, write_json_atomic
 
-__all__ = ["QuantizeCommand", "RUN_FILE", "parse_epochs"]
+__all__ = ["QuantizeCommand", "RunContext", "Calibrated", "RUN_FILE", "parse_epochs", "calib_is_text"]
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,6 @@ RUN_FILE = "quantize.json"
 
 _VERIFY_TEXT = "The quick brown fox jumps over the lazy dog. Quantization keeps the answer."
 _VERIFY_MAX_REL_ERR = 1e-3  # weights-only logits of the reloaded export vs the in-process model (fp32)
-_WORK_ENTRIES = {"state.pt", "state.pt.tmp", "blocks"}
 
 
 def parse_epochs(value: str) -> int | tuple[int, int]:
@@ -51,13 +52,64 @@ def parse_epochs(value: str) -> int | tuple[int, int]:
 _CALIBRATED = ("omniquant", "realign")  # built-in methods that train per block (work folder, resume)
 
 
+def calib_is_text(spec: str) -> bool:
+    """Whether every set of a ``--calib`` spec is plain text (``wikitext2``): no chat turns, so no
+    chat template needed. A spec that does not parse answers ``False`` (loading reports it)."""
+    from ..data.calib import parse_calib_spec
+    from ..data.registry import REGISTRY
+    from ..errors import SafePTQError
+
+    try:
+        names = [name for name, _ in parse_calib_spec(spec)]
+    except SafePTQError:
+        return False
+    return all(name in REGISTRY and REGISTRY[name].kind == "text" for name in names)
+
+
+@dataclass
+class RunContext:
+    """What :meth:`QuantizeCommand.setup` checked and loaded before any calibration."""
+
+    t0: float
+    out: Path
+    work: Path
+    uses_work: bool
+    device: Any
+    lm: Any  # safeptq.models.LoadedModel
+    scheme: Any  # safeptq.quant.args.Scheme
+    calib: Any  # safeptq.data.calib.CalibSet | None
+    chat: bool
+    suites: Any
+
+
+@dataclass
+class Calibrated:
+    """What :meth:`QuantizeCommand.calibrate` hands to :meth:`QuantizeCommand.finish`: the quantized
+    model, the method's report (``qparams`` for the exporter), the recipe, the engine config
+    fingerprint and extra run-record entries."""
+
+    model: Any
+    report: dict
+    recipe: dict
+    config: dict | None
+    quant_s: float
+    record: dict = field(default_factory=dict)
+
+
 class QuantizeCommand(Command):
-    """Also the base of ``safeptq realign``: subclasses fix the method and add their objective
-    through :meth:`add_method_arguments`, :meth:`make_objective` and :meth:`extra_record`."""
+    """Also the base of ``safeptq realign`` and ``safeptq aaq``: subclasses fix the method and add
+    their objective through :meth:`add_method_arguments`, :meth:`make_objective` and
+    :meth:`extra_record`; one with another engine replaces :meth:`add_training_arguments` and
+    :meth:`calibrate`. :meth:`run` is :meth:`setup` → :meth:`calibrate` → :meth:`finish`."""
 
     name = "quantize"
     fixed_method: str | None = None
     run_file = RUN_FILE
+    # what the calibration engine may leave in the work folder (anything else there: refuse it)
+    work_files: tuple[str, ...] = ("state.pt", "state.pt.tmp")
+    work_dirs: tuple[str, ...] = ("blocks",)
+    device_help = ("calibration device: cpu, cuda, cuda:N or auto (default); the model is kept in float32 on "
+                   "the CPU, one block at a time goes to the device")
     calib_default = "alpaca:calib"
     nsamples_default = 128
     epochs_default: str | None = "2"
@@ -81,7 +133,15 @@ class QuantizeCommand(Command):
   safeptq ls   # lists the calibration sets and scheme presets"""
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        g = p.add_argument_group("model and method")
+        self.add_model_arguments(p)
+        self.add_calib_arguments(p)
+        self.add_method_arguments(p)
+        self.add_training_arguments(p)
+        self.add_eval_arguments(p)
+        self.add_output_arguments(p)
+
+    def add_model_arguments(self, p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("model and method" if self.fixed_method is None else "model and scheme")
         g.add_argument("--model", required=True, metavar="MODEL",
                        help="local HF folder, .gguf file, hub id (online), or 'default' (SmolLM2-135M-Instruct)")
         if self.fixed_method is None:
@@ -91,10 +151,10 @@ class QuantizeCommand(Command):
                        help="w8a8 | w8a16 | w4a16 | w4a16-asym | w4a8 | w4a4 | w4a4kv4 (see `safeptq ls`)")
         g.add_argument("--group-size", type=int, default=None,
                        help="weight group size of grouped schemes (w4a16 default 64); must divide every layer")
-        g.add_argument("--device", default="auto",
-                       help="calibration device: cpu, cuda, cuda:N or auto (default); the model is kept in "
-                            "float32 on the CPU, one block at a time goes to the device")
-        g = p.add_argument_group("calibration data (not used by rtn)")
+        g.add_argument("--device", default="auto", help=self.device_help)
+
+    def add_calib_arguments(self, p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("calibration data" + (" (not used by rtn)" if self.fixed_method is None else ""))
         g.add_argument("--calib", default=self.calib_default,
                        help=f"prompt set(s) with shares (default {self.calib_default}), e.g. alpaca:calib, "
                             "advbench:calib=0.75,alpaca:calib=0.25, wikitext2, "
@@ -106,7 +166,8 @@ class QuantizeCommand(Command):
         g.add_argument("--no-chat", action="store_true",
                        help="tokenize prompts as raw text instead of chat turns (base models without a template)")
         add_data_options(g)
-        self.add_method_arguments(p)
+
+    def add_training_arguments(self, p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("block-wise training (omniquant, realign)")
         g.add_argument("--epochs", default=self.epochs_default,
                        help="epochs per block: N, or A,B for the first and second half of the blocks "
@@ -126,17 +187,25 @@ class QuantizeCommand(Command):
                        help=f"learning rate of the norm gains ({self._default_text('lr_norm')})")
         g.add_argument("--let-alpha", type=float, default=0.5,
                        help="SmoothQuant migration strength that initialises the smoothing scales (0.5)")
+        self.add_resume_arguments(g, "per-block checkpoint")
+
+    @staticmethod
+    def add_resume_arguments(g, what: str) -> None:
         g.add_argument("--seed", type=int, default=0)
         g.add_argument("--resume", action="store_true",
-                       help="continue from the per-block checkpoint in the work folder (same recipe and data only)")
+                       help=f"continue from the {what} in the work folder (same recipe and data only)")
         g.add_argument("--work-dir", default=None,
                        help="checkpoint folder (default OUT.work); removed after a successful run")
+
+    def add_eval_arguments(self, p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("evaluation (optional)")
         g.add_argument("--eval", default=None, metavar="SUITES",
                        help="evaluate the quantized model on these suites after export, e.g. wikitext2 or "
-                            "advbench:eval,wikitext2 (results go into quantize.json)")
+                            f"advbench:eval,wikitext2 (results go into {self.run_file})")
         g.add_argument("--eval-limit", type=int, default=None,
                        help="first N prompts of each suite / N perplexity windows")
+
+    def add_output_arguments(self, p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("output")
         g.add_argument("--out", required=True, help="output folder (a new folder or an earlier safeptq export)")
         g.add_argument("--no-progress", action="store_true")
@@ -173,6 +242,17 @@ class QuantizeCommand(Command):
         quantized one; the returned entries go into the run record."""
         return {}
 
+    def uses_work_dir(self, args) -> bool:
+        """Whether the method checkpoints into the work folder (and so honours ``--resume``)."""
+        return args.method in _CALIBRATED
+
+    def needs_calibration(self, args) -> bool:
+        return args.method != "rtn"
+
+    def check_models(self, args, lm, device) -> None:
+        """Further checks once the model is loaded, before the calibration data is (e.g. a second
+        model's vocabulary); raise a :class:`~safeptq.errors.SafePTQError` to refuse."""
+
     # -- checks ---------------------------------------------------------------------------------
     @staticmethod
     def _check_args(args) -> None:
@@ -192,9 +272,10 @@ class QuantizeCommand(Command):
                 raise ConfigError(f"{flag} must be positive, got {v}")
         if not 0 <= args.let_alpha <= 1:
             raise ConfigError(f"--let-alpha must be in [0, 1], got {args.let_alpha}")
+        parse_epochs(args.epochs)
 
-    @staticmethod
-    def _check_work_dir(work: Path, out: Path) -> None:
+    @classmethod
+    def _check_work_dir(cls, work: Path, out: Path) -> None:
         from ..errors import ConfigError
 
         if work.resolve() == out.resolve():
@@ -202,21 +283,23 @@ class QuantizeCommand(Command):
         if work.is_file():
             raise ConfigError(f"work folder {work} is a file")
         if work.is_dir():
-            foreign = sorted(p.name for p in work.iterdir() if p.name not in _WORK_ENTRIES)
+            known = set(cls.work_files) | set(cls.work_dirs)
+            foreign = sorted(p.name for p in work.iterdir() if p.name not in known)
             if foreign:
                 raise ConfigError(f"refusing to use {work} as work folder: it holds other files "
                                   f"({', '.join(foreign[:3])}); choose another --work-dir")
 
-    @staticmethod
-    def _remove_work_dir(work: Path) -> None:
-        """Delete only what the engine wrote (block checkpoints, state), then the empty folders."""
-        blocks = work / "blocks"
-        if blocks.is_dir():
-            for f in blocks.glob("*.pt*"):
-                f.unlink(missing_ok=True)
-        for f in ("state.pt", "state.pt.tmp"):
-            (work / f).unlink(missing_ok=True)
-        for d in (blocks, work):
+    @classmethod
+    def _remove_work_dir(cls, work: Path) -> None:
+        """Delete only what the engine wrote (checkpoints, state), then the empty folders."""
+        for name in cls.work_dirs:
+            sub = work / name
+            if sub.is_dir():
+                for f in sub.glob("*.pt*"):
+                    f.unlink(missing_ok=True)
+        for name in cls.work_files:
+            (work / name).unlink(missing_ok=True)
+        for d in [work / name for name in cls.work_dirs] + [work]:
             try:
                 d.rmdir()
             except OSError:
@@ -224,17 +307,20 @@ class QuantizeCommand(Command):
 
     # -- run --------------------------------------------------------------------------------------
     def run(self, args: argparse.Namespace) -> int:
-        import json
+        ctx = self.setup(args)
+        cal = self.calibrate(args, ctx)
+        return self.finish(args, ctx, cal)
 
+    def setup(self, args: argparse.Namespace) -> RunContext:
+        """Check every option, the output and work folders, load the model, resolve the scheme
+        against it and load the calibration set: everything that can fail before calibrating."""
         import torch
 
-        from .. import __version__
-        from ..errors import ExportError, ModelError
+        from ..errors import ModelError
         from ..export.folder import SIDE_FILE, check_target
         from ..models import load_model, pick_device
         from ..quant.args import check_group_size, resolve_scheme
-        from ..quant.engine import peak_memory_mb
-        from ..quant.methods import BUILTIN, run_method, save_quantized
+        from ..quant.methods import LLMCOMPRESSOR
 
         t0 = time.time()
         self.resolve_defaults(args)
@@ -243,7 +329,6 @@ class QuantizeCommand(Command):
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
-        epochs = parse_epochs(args.epochs)
         resolve_scheme(args.scheme, group_size=args.group_size)  # fail on a bad name before loading anything
         suites = None
         if args.eval:
@@ -253,7 +338,7 @@ class QuantizeCommand(Command):
         out = Path(args.out).expanduser()
         check_target(out)  # before the long calibration, not only at export time
         work = Path(args.work_dir).expanduser() if args.work_dir else out.with_name(out.name + ".work")
-        uses_work = args.method in _CALIBRATED
+        uses_work = self.uses_work_dir(args)
         if uses_work:
             self._check_work_dir(work, out)
         elif args.resume or args.work_dir:
@@ -261,7 +346,7 @@ class QuantizeCommand(Command):
                         args.method)
         device = pick_device(args.device)
         lc = None
-        if args.method not in BUILTIN:
+        if args.method in LLMCOMPRESSOR:
             from ..baselines import llmcompressor as lc
 
             lc.require_llmcompressor()
@@ -274,7 +359,7 @@ class QuantizeCommand(Command):
         head_dim = getattr(model.config, "head_dim", None) or (
             model.config.hidden_size // model.config.num_attention_heads)
         scheme = resolve_scheme(args.scheme, group_size=args.group_size, head_dim=head_dim)
-        if args.method in BUILTIN:
+        if lc is None:
             from ..quant.engine import check_architecture
 
             check_architecture(model)
@@ -285,17 +370,27 @@ class QuantizeCommand(Command):
 
             for name, lin in quantized_linears(model).items():
                 check_group_size(name, lin.in_features, scheme.weights.group_size)
+        self.check_models(args, lm, device)
 
         calib = None
         chat = not args.no_chat
-        if args.method != "rtn":
+        if self.needs_calibration(args):
             from ..data.calib import load_calibration
 
+            chat = chat and not calib_is_text(args.calib)
             if chat and not getattr(tok, "chat_template", None):
                 raise ModelError(f"model {args.model} has no chat template; pass --no-chat to calibrate on raw prompts")
             calib = load_calibration(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, chat=chat,
                                      data_dir=args.data_dir, seed=args.seed)
+        return RunContext(t0=t0, out=out, work=work, uses_work=uses_work, device=device, lm=lm, scheme=scheme,
+                          calib=calib, chat=chat, suites=suites)
 
+    def calibrate(self, args: argparse.Namespace, ctx: RunContext) -> Calibrated:
+        """Run the method on the model (in place where possible)."""
+        from ..quant.methods import run_method
+
+        lm, calib, scheme, device = ctx.lm, ctx.calib, ctx.scheme, ctx.device
+        epochs = parse_epochs(args.epochs)
         objective = self.make_objective(args, lm, calib, device)
         record = self.extra_record(args, lm, "before", device)
         cfg = None
@@ -310,7 +405,7 @@ class QuantizeCommand(Command):
                   "calib": args.calib if calib is not None else None,
                   "nsamples": args.nsamples if calib is not None else None,
                   "seqlen": args.seqlen if calib is not None else None,
-                  "chat": chat if calib is not None else None, "seed": args.seed}
+                  "chat": ctx.chat if calib is not None else None, "seed": args.seed}
         if cfg is not None:
             recipe.update({"epochs": list(epochs) if isinstance(epochs, tuple) else epochs,
                            "batch_size": args.batch_size, "lr_lwc": args.lr_lwc, "lr_let": args.lr_let,
@@ -320,17 +415,32 @@ class QuantizeCommand(Command):
                  f" on {len(calib)} calibration samples" if calib is not None else "")
 
         tq = time.time()
-        model, report = run_method(args.method, model, tok, scheme, calib, cfg=cfg, objective=objective,
-                                   work_dir=work if uses_work else None, resume=args.resume,
+        model, report = run_method(args.method, lm.model, lm.tokenizer, scheme, calib, cfg=cfg, objective=objective,
+                                   work_dir=ctx.work if ctx.uses_work else None, resume=args.resume,
                                    progress=not args.no_progress)
-        quant_s = time.time() - tq
+        return Calibrated(model=model, report=report, recipe=recipe,
+                          config=cfg.fingerprint() if cfg is not None else None, quant_s=time.time() - tq,
+                          record=record)
+
+    def finish(self, args: argparse.Namespace, ctx: RunContext, cal: Calibrated) -> int:
+        """Export, reload check, optional evaluation, then the run record (written last)."""
+        import json
+
+        from .. import __version__
+        from ..errors import ExportError
+        from ..export.folder import SIDE_FILE
+        from ..quant.engine import peak_memory_mb
+        from ..quant.methods import LLMCOMPRESSOR, save_quantized
+
+        out, lm, calib, scheme, device = ctx.out, ctx.lm, ctx.calib, ctx.scheme, ctx.device
+        model, tok, report, recipe, record = cal.model, lm.tokenizer, cal.report, cal.recipe, cal.record
         metadata = {"model": args.model, "model_path": lm.path, "recipe": recipe,
                     "calib_set": calib.describe() if calib is not None else None,
                     "nsamples": len(calib) if calib is not None else 0,
                     "seqlen": int(calib.input_ids.shape[1]) if calib is not None else 0,
-                    "config": cfg.fingerprint() if cfg is not None else None}
+                    "config": cal.config}
         save_quantized(model, tok, scheme, out, report, metadata)
-        verify = self._verify(out, model, tok, args.method in BUILTIN, scheme)
+        verify = self._verify(out, model, tok, args.method not in LLMCOMPRESSOR, scheme)
         if verify["weights_only_max_rel_err"] > _VERIFY_MAX_REL_ERR:
             raise ExportError(f"the export in {out} does not reload to the quantized model (weights-only logits "
                               f"max rel err {verify['weights_only_max_rel_err']:.3g} > {_VERIFY_MAX_REL_ERR}); "
@@ -338,8 +448,8 @@ class QuantizeCommand(Command):
         for k, v in self.extra_record(args, lm, "after", device).items():
             record[k] = {**record.get(k, {}), **v} if isinstance(v, dict) and isinstance(record.get(k), dict) else v
         results = None
-        if suites:
-            results = self._evaluate(model, tok, suites, args, device)
+        if ctx.suites:
+            results = self._evaluate(model, tok, ctx.suites, args, device)
 
         rss, acc = peak_memory_mb()
         info = json.loads((out / SIDE_FILE).read_text())
@@ -349,10 +459,10 @@ class QuantizeCommand(Command):
             "model_path": lm.path,
             "recipe": recipe,
             "scheme": scheme.model_dump(mode="json"),
-            "config": metadata["config"],
+            "config": cal.config,
             "calib_set": metadata["calib_set"],
-            "wall_time_s": round(time.time() - t0, 1),
-            "quantize_time_s": round(quant_s, 1),
+            "wall_time_s": round(time.time() - ctx.t0, 1),
+            "quantize_time_s": round(cal.quant_s, 1),
             "peak_rss_mb": round(rss, 1),
             "peak_accel_mb": None if acc is None else round(acc, 1),
             "calibration": {k: v for k, v in report.items() if k != "qparams"},
@@ -363,8 +473,8 @@ class QuantizeCommand(Command):
             **record,
         }
         write_json_atomic(out / self.run_file, doc)
-        if uses_work:
-            self._remove_work_dir(work)
+        if ctx.uses_work:
+            self._remove_work_dir(ctx.work)
         self._summary(doc, report, results)
         return 0
 

@@ -142,8 +142,9 @@ class E2EConfig:
 class E2EResult:
     """``qparams`` by linear name (empty unless finalized); ``records`` one dict per step (loss
     before that step's update and each objective term); ``loss_start``/``loss_end``: the objective
-    on the first batch before training and after the last step; ``fold_rel_err``: relative change
-    of the full-precision logits caused by folding."""
+    on the first batch before training and after the last step, ``terms_start``/``terms_end``
+    every term of it (``loss`` included) on that batch; ``fold_rel_err``: relative change of the
+    full-precision logits caused by folding."""
 
     qparams: dict[str, QuantizedWeight]
     records: list[dict] = field(default_factory=list)
@@ -154,6 +155,8 @@ class E2EResult:
     peak_rss_mb: float = 0.0
     peak_accel_mb: float | None = None
     resumed_from: int = 0
+    terms_start: dict[str, float] | None = None
+    terms_end: dict[str, float] | None = None
 
     @property
     def losses(self) -> list[float]:
@@ -161,7 +164,8 @@ class E2EResult:
 
     def summary(self) -> dict:
         return {"steps": len(self.records), "loss_start": self.loss_start, "loss_end": self.loss_end,
-                "fold_rel_err": self.fold_rel_err, "wall_time_s": round(self.wall_time_s, 1),
+                "terms_start": self.terms_start, "terms_end": self.terms_end, "fold_rel_err": self.fold_rel_err,
+                "wall_time_s": round(self.wall_time_s, 1),
                 "peak_rss_mb": round(self.peak_rss_mb, 1), "peak_accel_mb": self.peak_accel_mb,
                 "resumed_from_step": self.resumed_from}
 
@@ -418,9 +422,12 @@ def calibrate_end_to_end(model: nn.Module, calib: CalibSet, objective: E2EObject
     for p in named.values():
         p.requires_grad_(False)
     with torch.no_grad():
-        loss_end = float(_terms(model, calib, objective, refs, first_idx, device)["loss"])
+        terms_end = {k: float(v) for k, v in _terms(model, calib, objective, refs, first_idx, device).items()}
+        loss_end = terms_end["loss"]
         if loss_start is None:
             loss_start = loss_end
+        terms_start = ({k: v for k, v in records[0].items() if k not in ("step", "seconds")} if records
+                       else dict(terms_end))
         probe = calib.input_ids[first_idx].to(device)
         set_quantizers_enabled(model, False)
         before = model(input_ids=probe, use_cache=False).logits
@@ -440,4 +447,4 @@ def calibrate_end_to_end(model: nn.Module, calib: CalibSet, objective: E2EObject
     rss, acc = peak_memory_mb()
     return E2EResult(qparams=qparams, records=records, loss_start=loss_start, loss_end=loss_end,
                      fold_rel_err=fold_err, wall_time_s=time.time() - t0, peak_rss_mb=rss, peak_accel_mb=acc,
-                     resumed_from=start)
+                     resumed_from=start, terms_start=terms_start, terms_end=terms_end)

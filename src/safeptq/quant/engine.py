@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -110,10 +109,11 @@ class CalibResult:
 
 
 def peak_memory_mb() -> tuple[float, float | None]:
-    """(peak resident set size of this process, peak CUDA memory allocated) in MiB."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-    acc = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    return rss, acc
+    """(peak resident set size of this process, peak CUDA memory allocated) in MiB, over the whole
+    run even where a phase measurement reset the counters (see :mod:`safeptq.memory`)."""
+    from safeptq.memory import process_peak_mb
+
+    return process_peak_mb()
 
 
 def check_architecture(model: nn.Module) -> nn.ModuleList:
