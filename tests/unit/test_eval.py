@@ -55,6 +55,9 @@ def test_perplexity_matches_manual(tiny_model_dir):
         n += 31
     assert math.isclose(r["perplexity"], math.exp(nll / n), rel_tol=1e-3)
     assert r["context_length"] == 32 and r["tokens_scored"] == n
+    lo, hi = r["ci95"]
+    assert lo <= r["perplexity"] <= hi and lo < hi  # windows differ, so the interval is not a point
+    assert len(r["window_nll"]) == r["windows"]
 
 
 def test_refusal_margin_and_classifier_plumbing(tiny_model_dir):

@@ -22,8 +22,9 @@ def format_metric(res: dict) -> tuple[str, str, str, str]:
                     "n/a" if v is None else f"{v:.3f}",
                     "" if not ci else f"[{ci[0]:.3f}, {ci[1]:.3f}]", str(res.get("n", "")))
     if "perplexity" in res:
-        return ("perplexity", f"{res['perplexity']:.3f}", f"ctx {res['context_length']}",
-                f"{res['tokens_scored']} tok")
+        ci = res.get("ci95")
+        return ("perplexity", f"{res['perplexity']:.3f}", "" if not ci else f"[{ci[0]:.2f}, {ci[1]:.2f}]",
+                f"ctx {res['context_length']}, {res['tokens_scored']} tok")
     return ("?", "", "", "")
 
 

@@ -1,11 +1,16 @@
 """Strided perplexity over a long text (WikiText-2): non-overlapping windows of ``context_length``
 tokens by default; with ``stride < context_length`` each window scores only its last ``stride``
-tokens and sees the rest as context (the standard sliding-window evaluation)."""
+tokens and sees the rest as context (the standard sliding-window evaluation).
+
+The 95% interval resamples whole windows (percentile bootstrap of the pooled per-token NLL), so it
+reflects how much the figure depends on which stretches of text were scored; the per-window NLLs
+are kept so that two models scored on the same windows can be compared pairwise."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -25,7 +30,8 @@ def perplexity(model, tokenizer, text: str, context_length: int = 512, stride: i
     starts = list(range(0, max(len(ids) - context_length, 0) + 1, stride))
     if max_windows is not None:
         starts = starts[:max_windows]
-    nll, count = 0.0, 0
+    win_nll: list[float] = []
+    win_n: list[int] = []
     for s in tqdm(range(0, len(starts), batch_size), desc="perplexity", disable=not progress, unit="batch"):
         group = starts[s:s + batch_size]
         x = torch.stack([ids[a:a + context_length] for a in group]).to(device)
@@ -34,7 +40,22 @@ def perplexity(model, tokenizer, text: str, context_length: int = 512, stride: i
         for i, a in enumerate(group):
             # the first window scores every token; later ones only their new `stride` tokens
             keep = lp[i] if a == 0 else lp[i, -stride:]
-            nll -= keep.sum().item()
-            count += keep.numel()
-    return {"perplexity": round(math.exp(nll / max(count, 1)), 4), "context_length": context_length,
-            "stride": stride, "windows": len(starts), "tokens_scored": count}
+            win_nll.append(-keep.sum().item())
+            win_n.append(keep.numel())
+    count = sum(win_n)
+    return {"perplexity": round(math.exp(sum(win_nll) / max(count, 1)), 4),
+            "ci95": window_bootstrap_ci(win_nll, win_n), "context_length": context_length,
+            "stride": stride, "windows": len(starts), "tokens_scored": count,
+            "window_nll": [round(v / n, 5) for v, n in zip(win_nll, win_n)]}
+
+
+def window_bootstrap_ci(win_nll, win_n, n_boot: int = 2000, seed: int = 0) -> list[float] | None:
+    """95% percentile-bootstrap interval of the perplexity, resampling windows (sums of NLL and
+    token counts per window)."""
+    if len(win_nll) < 2:
+        return None
+    nll, n = np.asarray(win_nll, dtype=float), np.asarray(win_n, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(nll), size=(n_boot, len(nll)))
+    ppl = np.exp(nll[idx].sum(1) / n[idx].sum(1))
+    lo, hi = np.quantile(ppl, [0.025, 0.975])
+    return [round(float(lo), 4), round(float(hi), 4)]
