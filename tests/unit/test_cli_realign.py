@@ -32,7 +32,7 @@ def test_help_lists_the_papers_options(capsys):
         assert flag in out
     assert "--method" not in out  # fixed to the block-wise engine with the probe objective
     assert SCHEDULES["paper"] == {"epochs": "5,15", "batch_size": 1, "lr_lwc": 1e-2, "lr_let": 1e-3,
-                                  "train_norms": False, "margin": 0.0}
+                                  "train_norms": False, "margin": 0.0, "benign_anchor": 0.0}
 
 
 def test_schedule_fills_only_what_the_command_line_left_unset():

@@ -148,3 +148,27 @@ def test_auto_margin_is_the_probe_models_median_per_layer():
         ProbePush(_probes(), margin="auto")
     with pytest.raises(ConfigError, match="3 margins for 2 probe layers"):
         ProbePush(_probes(layers=2), margin=[1.0, 2.0, 3.0])
+
+
+def test_benign_anchor_penalises_only_benign_drift_along_the_probe():
+    probes = _probes()
+    b = _batch(labels=(1, 0, 0))
+    plain, anchored = ProbePush(probes), ProbePush(probes, benign_anchor=2.0)
+    base, with_anchor = plain(b), anchored(b)
+    assert torch.equal(with_anchor[0], base[0])  # a malicious sample's loss is untouched
+    w, c = probes.coef[0], probes.intercept[0]
+    for i in (1, 2):
+        drift = (b.last_token()[i] @ w + c) - (b.last_token(b.target)[i] @ w + c)
+        assert torch.allclose(with_anchor[i], base[i] + 2.0 * drift ** 2, rtol=1e-5)
+    # moving a benign state orthogonally to the probe costs only MSE, along it costs the anchor too
+    out = b.target.clone()
+    ortho = torch.randn(H)
+    ortho -= (ortho @ w) / (w @ w) * w
+    out[1, b.last_idx[1]] += ortho
+    moved = BlockBatch(0, out, b.target, b.mask, b.labels, b.last_idx)
+    assert torch.allclose(anchored(moved)[1], plain(moved)[1], atol=1e-5)
+    out[1, b.last_idx[1]] += w
+    moved = BlockBatch(0, out, b.target, b.mask, b.labels, b.last_idx)
+    assert anchored(moved)[1] > plain(moved)[1] + 1e-3
+    with pytest.raises(ConfigError, match="benign-anchor"):
+        ProbePush(probes, benign_anchor=-1)

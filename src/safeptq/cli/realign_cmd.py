@@ -23,7 +23,7 @@ SCHEDULES = {
     # the authors' code: batch size 1, 5 epochs per block in the first half of the layers, 15 after,
     # AdamW with LWC lr 1e-2 and LET lr 1e-3, the plain softplus(-score) loss, LWC + LET only
     "paper": {"epochs": "5,15", "batch_size": 1, "lr_lwc": 1e-2, "lr_let": 1e-3, "train_norms": False,
-              "margin": 0.0},
+              "margin": 0.0, "benign_anchor": 0.0},
     # the fastest schedule that met the acceptance on the organism (BENCHMARKS.md, "Q-realign schedule"):
     # one batched epoch per block; clipping factors learn 10x faster; the RMSNorm gains are trained too
     # (LWC + LET alone moved too little at W8A8) and malicious states are pushed to the aligned model's
@@ -74,6 +74,10 @@ class RealignCommand(QuantizeCommand):
                        help="push malicious states to probe score >= MARGIN rather than 0 (the paper's loss); "
                             "'auto' = per layer, the probe model's own median malicious score "
                             f"(default: the schedule's, {SCHEDULES['default']['margin']})")
+        g.add_argument("--benign-anchor", type=float, default=None,
+                       help="weight of a benign prompt's squared probe-score drift at its last token, added to its "
+                            "MSE (0 = the paper's loss; default: the schedule's, "
+                            f"{SCHEDULES['default'].get('benign_anchor', 0.0)})")
         g.add_argument("--sep-limit", type=int, default=100,
                        help="held-out prompts per class for the before/after separability (100; 0 skips it)")
 
@@ -84,6 +88,10 @@ class RealignCommand(QuantizeCommand):
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
         super().resolve_defaults(args)
+        if args.benign_anchor is None:
+            args.benign_anchor = 0.0
+        if args.benign_anchor < 0:
+            raise ConfigError(f"--benign-anchor must be non-negative, got {args.benign_anchor}")
         if not 0 < args.malicious_share < 1:
             raise ConfigError(f"--malicious-share must be in (0, 1), got {args.malicious_share}")
         if args.probes and args.probe_model:
@@ -128,7 +136,8 @@ class RealignCommand(QuantizeCommand):
             raise ConfigError(f"the probes cover {probes.n_layers} layers but {args.model} has {n_layers}; "
                               "fit them on a model of the same architecture")
         self._probes, self._probe_where = probes, str(where) if where else None
-        return ProbePush(probes, probe_weight=args.probe_weight, margin=args.margin)
+        return ProbePush(probes, probe_weight=args.probe_weight, margin=args.margin,
+                         benign_anchor=args.benign_anchor)
 
     def extra_record(self, args, lm, stage: str, device) -> dict:
         from ..probes import summarize

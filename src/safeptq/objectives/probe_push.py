@@ -5,6 +5,13 @@ to the malicious side of that layer's frozen linear probe: ``softplus(margin −
 Benign samples keep the full-precision behaviour with the masked MSE. With the defaults
 (weight 1, margin 0) this is the authors' loss; the calibration mix (75 % malicious) sets the
 balance between the two terms.
+
+``benign_anchor`` (β, 0 = the authors' loss) adds ``β·(s_q − s_fp)²`` to a benign sample's loss,
+``s`` being the probe score at its last prompt token in the quantized and full-precision block
+output. The MSE averages over every token and channel, so on its own it barely notices a benign
+prompt's last token sliding along the (sparse) probe direction; without the anchor the cheapest
+way to push malicious prompts across is to shift every prompt, which turns into over-refusal or,
+at strong settings, a broken model.
 """
 
 from __future__ import annotations
@@ -25,9 +32,13 @@ class ProbePush(BlockObjective):
 
     name = "realign"
 
-    def __init__(self, probes, probe_weight: float = 1.0, margin: float | str | list[float] = 0.0) -> None:
+    def __init__(self, probes, probe_weight: float = 1.0, margin: float | str | list[float] = 0.0,
+                 benign_anchor: float = 0.0) -> None:
         if probe_weight < 0:
             raise ConfigError(f"--probe-weight must be non-negative, got {probe_weight}")
+        if benign_anchor < 0:
+            raise ConfigError(f"--benign-anchor must be non-negative, got {benign_anchor}")
+        self.benign_anchor = float(benign_anchor)
         self.coef = torch.as_tensor(probes.coef, dtype=torch.float32)
         self.intercept = torch.as_tensor(probes.intercept, dtype=torch.float32)
         self.probe_weight = probe_weight
@@ -54,6 +65,10 @@ class ProbePush(BlockObjective):
     def __call__(self, batch: BlockBatch) -> torch.Tensor:
         mal = batch.labels.to(batch.output.device) == 1
         loss = masked_mse(batch)
+        if self.benign_anchor > 0 and not mal.all():
+            drift = self.probe_logit(batch.layer, batch.last_token()) - \
+                self.probe_logit(batch.layer, batch.last_token(batch.target))
+            loss = loss + torch.where(mal, torch.zeros_like(drift), self.benign_anchor * drift.pow(2))
         if mal.any():
             m = self.margin[batch.layer] if isinstance(self.margin, (list, tuple)) else self.margin
             push = F.softplus(m - self.probe_logit(batch.layer, batch.last_token()))
@@ -65,6 +80,7 @@ class ProbePush(BlockObjective):
 
         digest = hashlib.sha256(self.coef.numpy().tobytes() + self.intercept.numpy().tobytes()).hexdigest()[:12]
         return {"name": self.name, "probe_weight": self.probe_weight, "margin": self.margin,
+                "benign_anchor": self.benign_anchor,
                 "layers": int(self.coef.shape[0]), "probes_sha": digest}
 
 
