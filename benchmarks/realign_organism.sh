@@ -11,6 +11,7 @@ ATT=${ATTACKED:-runs/organism/attacked}
 ALI=${ALIGNED:-runs/organism/aligned}
 OUT=${OUT:-runs/bench/realign}
 EVAL=${EVAL:-advbench:eval,harmbench,alpaca:eval,sst2}
+EVAL_BASE=${EVAL_BASE:-advbench:eval,alpaca:eval,sst2}   # the baselines: the figures the acceptance compares
 CAL="advbench:calib=0.75,alpaca:calib=0.25"
 mkdir -p "$OUT"
 runs=("$@"); [ ${#runs[@]} -eq 0 ] && runs=(realign-w8a8 omni-w8a8 rtn-w8a8 realign-w4a16)
@@ -21,9 +22,9 @@ for r in "${runs[@]}"; do
     realign-w8a8)  $S realign --model "$ATT" --probe-model "$ALI" --scheme w8a8 --eval "$EVAL" --resume --out "$OUT/$r" --no-progress ;;
     realign-w4a16) $S realign --model "$ATT" --probe-model "$ALI" --scheme w4a16 --group-size 64 --eval "$EVAL" --resume --out "$OUT/$r" --no-progress ;;
     realign-paper-w8a8) $S realign --model "$ATT" --probe-model "$ALI" --scheme w8a8 --schedule paper --eval "$EVAL" --resume --out "$OUT/$r" --no-progress ;;
-    omni-w8a8)     $S quantize --model "$ATT" --method omniquant --scheme w8a8 --calib "$CAL" --nsamples 200 --epochs 2 --batch-size 4 --eval "$EVAL" --resume --out "$OUT/$r" --no-progress ;;
-    rtn-w8a8)      $S quantize --model "$ATT" --method rtn --scheme w8a8 --eval "$EVAL" --out "$OUT/$r" --no-progress ;;
-    gptq-w8a8)     $S quantize --model "$ATT" --method gptq --scheme w8a8 --calib "$CAL" --nsamples 200 --eval "$EVAL" --out "$OUT/$r" --no-progress ;;
+    omni-w8a8)     $S quantize --model "$ATT" --method omniquant --scheme w8a8 --calib "$CAL" --nsamples 200 --epochs 2 --batch-size 4 --eval "$EVAL_BASE" --resume --out "$OUT/$r" --no-progress ;;
+    rtn-w8a8)      $S quantize --model "$ATT" --method rtn --scheme w8a8 --eval "$EVAL_BASE" --out "$OUT/$r" --no-progress ;;
+    gptq-w8a8)     $S quantize --model "$ATT" --method gptq --scheme w8a8 --calib "$CAL" --nsamples 200 --eval "$EVAL_BASE" --out "$OUT/$r" --no-progress ;;
     *) echo "unknown run $r"; exit 2 ;;
   esac
 done

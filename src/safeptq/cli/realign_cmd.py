@@ -24,12 +24,13 @@ SCHEDULES = {
     # AdamW with LWC lr 1e-2 and LET lr 1e-3, the plain softplus(-score) loss, LWC + LET only
     "paper": {"epochs": "5,15", "batch_size": 1, "lr_lwc": 1e-2, "lr_let": 1e-3, "train_norms": False,
               "margin": 0.0, "benign_anchor": 0.0},
-    # the fastest schedule that met the acceptance on the organism (BENCHMARKS.md, "Q-realign schedule"):
-    # one batched epoch per block; clipping factors learn 10x faster; the RMSNorm gains are trained too
-    # (LWC + LET alone moved too little at W8A8) and malicious states are pushed to the aligned model's
-    # own median probe score rather than just across the boundary
-    "default": {"epochs": "1", "batch_size": 4, "lr_lwc": 1e-1, "lr_let": 1e-3, "train_norms": True,
-                "lr_norm": 1e-2, "margin": "auto"},
+    # the best schedule measured on the organism (BENCHMARKS.md, "Q-realign on the organism"); it does NOT yet
+    # meet issue 5's harmful-rate target there. Three batched epochs per block; clipping factors learn 10x
+    # faster than the paper's; the RMSNorm gains are trained too (LWC + LET alone moved too little at W8A8);
+    # malicious states are pushed to the aligned model's own median probe score ('auto'), and benign prompts
+    # are anchored along the probe so the push cannot simply shift every prompt (over-refusal, broken models)
+    "default": {"epochs": "3", "batch_size": 4, "lr_lwc": 1e-1, "lr_let": 1e-3, "train_norms": True,
+                "lr_norm": 2e-3, "margin": "auto", "benign_anchor": 1.0},
 }
 
 
@@ -136,8 +137,9 @@ class RealignCommand(QuantizeCommand):
             raise ConfigError(f"the probes cover {probes.n_layers} layers but {args.model} has {n_layers}; "
                               "fit them on a model of the same architecture")
         self._probes, self._probe_where = probes, str(where) if where else None
-        return ProbePush(probes, probe_weight=args.probe_weight, margin=args.margin,
-                         benign_anchor=args.benign_anchor)
+        self._objective = ProbePush(probes, probe_weight=args.probe_weight, margin=args.margin,
+                                    benign_anchor=args.benign_anchor)
+        return self._objective
 
     def extra_record(self, args, lm, stage: str, device) -> dict:
         from ..probes import summarize
@@ -145,6 +147,7 @@ class RealignCommand(QuantizeCommand):
 
         rec: dict = {}
         if stage == "before":
+            rec["schedule"] = args.schedule  # the objective's settings are under calibration.objective
             rec["probes"] = {"source": args.probes or args.probe_model or args.model, "cache": self._probe_where,
                              "heldout_accuracy": self._probes.meta.get("heldout_accuracy"),
                              "C": self._probes.meta.get("C")}
