@@ -63,3 +63,18 @@ def test_smoothing_and_rotations_fold_exactly_on_the_default_model(default_fp32)
     add_online_hadamard(model, seed=4)
     with torch.no_grad():
         assert rel_err(ref, logits(model, x)) <= 1e-4
+
+
+@pytest.mark.parametrize("scheme,bits,fmt", [("w4a16", (4.4, 4.6), "pack-quantized"),
+                                             ("w8a8", (8.0, 8.1), "int-quantized")])
+def test_default_model_exports_reload_to_the_fake_quant_model(tmp_path, scheme, bits, fmt):
+    """Issue 4 acceptance: a compressed-tensors export of the real default model, reloaded through
+    transformers, gives the in-memory fake-quant logits (weights exactly; W8A8's dynamic activation
+    quantization is checked separately in `verify`) at ~4.x / ~8.x bits per linear weight."""
+    out = tmp_path / scheme
+    assert main(["quantize", "--model", "default", "--method", "rtn", "--scheme", scheme, "--out", str(out),
+                 "--no-progress"]) == 0
+    doc = json.loads((out / "quantize.json").read_text())
+    assert doc["export"]["format"] == fmt and bits[0] <= doc["export"]["bits_per_weight"] <= bits[1]
+    assert doc["verify"]["reload_path"] == "transformers"
+    assert doc["verify"]["weights_only_max_rel_err"] <= 1e-5
