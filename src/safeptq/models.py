@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,7 +208,16 @@ def load_model(spec: str, dtype: str | torch.dtype | None = "auto", device: str 
         kwargs = {"dtype": dt}
         if gguf:
             kwargs["gguf_file"] = gguf
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        elif _is_compressed_tensors(path):
+            # decompress to dense weights (+ the scheme's activation quantization) on load: left to
+            # itself, transformers decompresses only the first such model of a process and runs later
+            # ones compressed, which CPU matmuls with int8 weights cannot do
+            from transformers import CompressedTensorsConfig
+
+            kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+        with warnings.catch_warnings():  # "the model's own quantization_config will be used": intended
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise ModelError(f"cannot load model {spec}: {str(e).splitlines()[0]}") from e
     model.to(dev).eval()
@@ -215,6 +225,17 @@ def load_model(spec: str, dtype: str | torch.dtype | None = "auto", device: str 
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return LoadedModel(model=model, tokenizer=tok, path=path)
+
+
+def _is_compressed_tensors(path: str) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except json.JSONDecodeError:
+        return False
+    return qc.get("quant_method") == "compressed-tensors"
 
 
 def _simulate_stored_activation_quant(model, path: str) -> None:

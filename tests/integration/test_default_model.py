@@ -78,3 +78,12 @@ def test_default_model_exports_reload_to_the_fake_quant_model(tmp_path, scheme, 
     assert doc["export"]["format"] == fmt and bits[0] <= doc["export"]["bits_per_weight"] <= bits[1]
     assert doc["verify"]["reload_path"] == "transformers"
     assert doc["verify"]["weights_only_max_rel_err"] <= 1e-5
+    # and it loads runnable in a process that already loaded the plain model (which once left it compressed)
+    import torch
+
+    from safeptq.models import load_model
+
+    load_model("default", dtype="float32", device="cpu")
+    q = load_model(str(out), dtype="float32", device="cpu")
+    with torch.no_grad():
+        assert torch.isfinite(q.model(**q.tokenizer(["Hello there", "Hi"], return_tensors="pt", padding=True)).logits).all()

@@ -79,6 +79,11 @@ def test_rtn_w8a8_export_reloads(tiny_model_dir, tmp_path, capsys):
     report = reload_check(out, ref.model, torch.randint(0, len(ref.tokenizer), (2, 12)))
     assert report["reload_path"] == "transformers" and report["activation_quant"] is True
     assert report["weights_only_max_rel_err"] < 1e-6 and report["max_rel_err"] < 1e-5
+    # load_model gives a runnable model even after other models were loaded in this process
+    # (transformers would otherwise keep this one compressed: int8 weights that CPU matmuls refuse)
+    q = load_model(str(out), dtype="float32", device="cpu")
+    with torch.no_grad():
+        assert torch.isfinite(q.model(input_ids=torch.randint(0, len(q.tokenizer), (3, 7))).logits).all()
     # a second run may replace its own earlier export
     _ok(capsys, "--model", tiny_model_dir, "--method", "rtn", "--scheme", "w8a8", "--out", out)
 
