@@ -1,8 +1,8 @@
 """``safeptq realign``: Q-realign — quantize a fine-tuned model so that its malicious-prompt
 activations go back across per-layer safety probes while benign behaviour is reconstructed.
 
-It is ``safeptq quantize`` with the method fixed to the block-wise engine (LWC + LET) and the
-:class:`safeptq.objectives.ProbePush` objective; everything else (checks, resume, export, reload
+It is ``safeptq quantize`` with the method fixed to the block-wise engine (LWC + LET, plus the
+RMSNorm gains in the default schedule) and the :class:`safeptq.objectives.ProbePush` objective; everything else (checks, resume, export, reload
 check, evaluation) is shared. The run record is ``realign.json``: recipe, time, peak memory, and
 the probes' separability of the full-precision model before and the quantized model after, on
 held-out prompts (``advbench:eval`` / ``alpaca:eval``, never the calibration rows).
@@ -44,8 +44,9 @@ class RealignCommand(QuantizeCommand):
     batch_size_default = None
     help = "Q-realign: quantize a fine-tuned model and push malicious activations back across safety probes"
     description = ("Quantize the fine-tuned --model block by block with learnable weight clipping and smoothing "
-                   "(OmniQuant-style LWC + LET) trained with Q-realign's per-sample loss: benign prompts "
-                   "reconstruct the model's full-precision block output (MSE); malicious prompts are pushed to "
+                   "(OmniQuant-style LWC + LET; the default schedule also trains the RMSNorm gains) with Q-realign's "
+                   "per-sample loss: benign prompts reconstruct the model's full-precision block output (MSE, "
+                   "plus --benign-anchor on their probe score); malicious prompts are pushed to "
                    "the malicious side of a frozen per-layer probe at the last prompt token "
                    "(softplus(margin - (w.h + b))). Probes come from --probes or are fitted (and cached) on "
                    "--probe-model, normally the safety-aligned model the fine-tune started from. Exports like "
