@@ -79,7 +79,7 @@ class RealignCommand(QuantizeCommand):
         g.add_argument("--benign-anchor", type=float, default=None,
                        help="weight of a benign prompt's squared probe-score drift at its last token, added to its "
                             "MSE (0 = the paper's loss; default: the schedule's, "
-                            f"{SCHEDULES['default'].get('benign_anchor', 0.0)})")
+                            f"{SCHEDULES['default']['benign_anchor']})")
         g.add_argument("--sep-limit", type=int, default=100,
                        help="held-out prompts per class for the before/after separability (100; 0 skips it)")
 
@@ -90,8 +90,6 @@ class RealignCommand(QuantizeCommand):
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
         super().resolve_defaults(args)
-        if args.benign_anchor is None:
-            args.benign_anchor = 0.0
         if args.benign_anchor < 0:
             raise ConfigError(f"--benign-anchor must be non-negative, got {args.benign_anchor}")
         if not 0 < args.malicious_share < 1:
@@ -138,9 +136,8 @@ class RealignCommand(QuantizeCommand):
             raise ConfigError(f"the probes cover {probes.n_layers} layers but {args.model} has {n_layers}; "
                               "fit them on a model of the same architecture")
         self._probes, self._probe_where = probes, str(where) if where else None
-        self._objective = ProbePush(probes, probe_weight=args.probe_weight, margin=args.margin,
-                                    benign_anchor=args.benign_anchor)
-        return self._objective
+        return ProbePush(probes, probe_weight=args.probe_weight, margin=args.margin,
+                         benign_anchor=args.benign_anchor)
 
     def extra_record(self, args, lm, stage: str, device) -> dict:
         from ..probes import summarize

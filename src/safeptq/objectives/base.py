@@ -57,10 +57,14 @@ def objective_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _build(registry: dict, what: str, name: str, kwargs: dict):
+    if name not in registry:
+        raise UnknownNameError(f"unknown {what} {name!r}; choose one of {', '.join(sorted(registry))}")
+    return registry[name](**kwargs)
+
+
 def get_objective(name: str, **kwargs) -> BlockObjective:
-    if name not in _REGISTRY:
-        raise UnknownNameError(f"unknown objective {name!r}; choose one of {', '.join(objective_names())}")
-    return _REGISTRY[name](**kwargs)
+    return _build(_REGISTRY, "objective", name, kwargs)
 
 
 class E2EObjective:
@@ -101,8 +105,4 @@ def e2e_objective_names() -> list[str]:
 
 
 def get_e2e_objective(name: str, **kwargs) -> E2EObjective:
-    if name not in _E2E_REGISTRY:
-        raise UnknownNameError(
-            f"unknown end-to-end objective {name!r}; choose one of {', '.join(e2e_objective_names())}"
-        )
-    return _E2E_REGISTRY[name](**kwargs)
+    return _build(_E2E_REGISTRY, "end-to-end objective", name, kwargs)

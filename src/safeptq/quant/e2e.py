@@ -14,7 +14,7 @@
    are drawn from per-epoch permutations fixed by the seed, so a resumed run sees the same data.
 3. Fold (:func:`fold_end_to_end`): the rotation, then the smoothing scales, are baked into the
    weights exactly (float64); the engine checks the full-precision logits before and after.
-4. Finish (:func:`finalize_model`, the block-wise engine's finishing step): weights are quantized
+4. Finish (:func:`finalize_model`, the block-wise engine's :func:`~safeptq.quant.engine.finish_layer`): weights are quantized
    by round-to-nearest with the learned clipping, linears unwrapped to plain ``nn.Linear`` with
    quantized-dequantized weights and activation quantization as hooks. GPTQ is not applied.
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -49,13 +48,11 @@ from safeptq.errors import CalibrationError, ConfigError
 from safeptq.objectives.base import E2EObjective
 from safeptq.objectives.references import References
 from safeptq.quant.args import Scheme, resolve_scheme
-from safeptq.quant.deploy import attach_act_quant
-from safeptq.quant.engine import check_architecture, peak_memory_mb
+from safeptq.quant.engine import _save_atomic, check_architecture, finish_layer, peak_memory_mb
 from safeptq.quant.qlinear import (
     LLAMA_LINEARS,
     QuantLinear,
     set_quantizers_enabled,
-    unwrap_decoder_layer,
     wrap_decoder_layer,
 )
 from safeptq.quant.quantizer import QuantizedWeight, WeightQuantizer
@@ -251,13 +248,9 @@ def finalize_model(model: nn.Module, scheme: Scheme) -> dict[str, QuantizedWeigh
     for i, layer in enumerate(layers):
         for rel in LLAMA_LINEARS:
             mod = layer.get_submodule(rel)
-            if isinstance(mod, QuantLinear):
-                if mod.transform_keys():
-                    raise ConfigError(f"{mod.name or rel} still has transforms {mod.transform_keys()}; fold them first")
-                if mod.weight_quantizer is not None:
-                    qparams[f"model.layers.{i}.{rel}"] = mod.quantized_weight()
-        unwrap_decoder_layer(layer, fold=True)
-        attach_act_quant(layer, scheme)
+            if isinstance(mod, QuantLinear) and mod.transform_keys():
+                raise ConfigError(f"{mod.name or rel} still has transforms {mod.transform_keys()}; fold them first")
+        qparams.update(finish_layer(layer, i, scheme))
     return qparams
 
 
@@ -311,12 +304,6 @@ def _fingerprint(model, calib: CalibSet, objective: E2EObjective, refs: Referenc
     h.update(calib.input_ids.numpy().tobytes())
     h.update(calib.attention_mask.numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _check_inputs(objective: E2EObjective, refs: References, calib: CalibSet) -> None:

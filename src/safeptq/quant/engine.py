@@ -200,6 +200,20 @@ def _fingerprint(model, calib: CalibSet, objective: BlockObjective, cfg: Blockwi
     return h.hexdigest()[:16]
 
 
+def finish_layer(layer: nn.Module, index: int, scheme: Scheme) -> dict[str, QuantizedWeight]:
+    """Quantize a wrapped decoder layer's weights (RTN with its learned clipping), unwrap it to plain
+    linears and attach the scheme's activation quantization; returns the exact integer parameters
+    by linear name (for the exporter)."""
+    qparams = {}
+    for rel in LLAMA_LINEARS:
+        mod = layer.get_submodule(rel)
+        if isinstance(mod, QuantLinear) and mod.weight_quantizer is not None:
+            qparams[f"model.layers.{index}.{rel}"] = mod.quantized_weight()
+    unwrap_decoder_layer(layer, fold=True)
+    attach_act_quant(layer, scheme)
+    return qparams
+
+
 def _save_atomic(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -330,14 +344,8 @@ def calibrate_blockwise(model: nn.Module, calib: CalibSet, objective: BlockObjec
                 p.requires_grad_(False)
             if smoothing is not None:
                 fold_smoothing(layer, smoothing)
-            block_q = {}
-            for rel in LLAMA_LINEARS:
-                mod = layer.get_submodule(rel)
-                if isinstance(mod, QuantLinear) and mod.weight_quantizer is not None:
-                    block_q[f"model.layers.{i}.{rel}"] = mod.quantized_weight()
-            unwrap_decoder_layer(layer, fold=True)
+            block_q = finish_layer(layer, i, cfg.scheme)
             layer.to(device, model_dtype)
-            attach_act_quant(layer, cfg.scheme)
             q_inps = _run(layer, q_inps, kwargs, cfg.batch_size, device, model_dtype)
         fp_inps = fp_out
         layer.to("cpu")
