@@ -123,6 +123,16 @@ def test_wikitext2_windows(tok, shared_data):
         load_calibration("wikitext2=0.5,alpaca:calib=0.5", tok, nsamples=4, seqlen=32, data_dir=shared_data)
 
 
+def test_wikitext2_calib_is_the_second_half_only(shared_data):
+    """AAQ's default calibration text never meets the first perplexity windows of ``wikitext2``."""
+    from safeptq.data import load_prompt_set
+
+    full = load_prompt_set("wikitext2", data_dir=shared_data).texts[0]
+    half = load_prompt_set("wikitext2:calib", data_dir=shared_data).texts[0]
+    assert full.endswith(half) and len(full) // 2 <= len(full) - len(half) < len(full) // 2 + 2000
+    assert full[len(full) - len(half) - 1] == "\n"  # cut at a line break
+
+
 def test_user_file_labels(tok, tmp_path):
     p = tmp_path / "prompts.jsonl"
     p.write_text("\n".join(json.dumps({"question": f"question number {i}?"}) for i in range(5)) + "\n")

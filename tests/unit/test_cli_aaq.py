@@ -97,8 +97,9 @@ def test_contrastive_w4a4_on_wikitext_records_reuses_references_and_reloads(mode
                                                                             capsys):
     from safeptq.models import load_model
 
+    # full batches (4 of 4 samples): every step descends the very loss that start and end measure
     argv = ["--model", models["instruct"], "--base", models["base"], "--scheme", "w4a4", "--data-dir", shared_data,
-            *_FAST]
+            *_FAST, "--batch-size", "4"]
     out = tmp_path / "w4a4"
     printed = _ok(capsys, *argv, "--out", out)
     assert "loss start" in printed and f"quantized model written to {out}" in printed
@@ -110,8 +111,8 @@ def test_contrastive_w4a4_on_wikitext_records_reuses_references_and_reloads(mode
     assert r["formula"].startswith("KL_top32+tail(instruct ‖ q) − 0.1 · min(")
     assert r["lr"] == {"rotation": 1e-3, "smoothing": 1e-3, "lwc": 1e-2}
     assert r["transforms"]["rotation"] and r["transforms"]["smoothing"] and not r["transforms"]["online_hadamard"]
-    assert (r["calib"], r["nsamples"], r["seqlen"], r["chat"]) == ("wikitext2", 4, 16, False)
-    assert doc["calib_set"]["sources"] == ["wikitext2"] and doc["calib_set"]["n"] == 4
+    assert (r["calib"], r["nsamples"], r["seqlen"], r["chat"]) == ("wikitext2:calib", 4, 16, False)
+    assert doc["calib_set"]["sources"] == ["wikitext2:calib"] and doc["calib_set"]["n"] == 4
     loss = doc["loss"]
     for key in ("terms_start", "terms_end"):
         assert set(loss[key]) == {"loss", "kl_instruct", "kl_base", "push"}

@@ -204,6 +204,8 @@ class QuantizeCommand(Command):
                             f"advbench:eval,wikitext2 (results go into {self.run_file})")
         g.add_argument("--eval-limit", type=int, default=None,
                        help="first N prompts of each suite / N perplexity windows")
+        g.add_argument("--ppl-windows", type=int, default=None,
+                       help="cap on perplexity windows only (overrides --eval-limit for text suites), e.g. 40")
 
     def add_output_arguments(self, p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("output")
@@ -267,6 +269,8 @@ class QuantizeCommand(Command):
                 raise ConfigError(f"{flag} must be at least {low}, got {v}")
         if args.eval_limit is not None and args.eval_limit <= 0:
             raise ConfigError(f"--eval-limit must be positive, got {args.eval_limit}")
+        if args.ppl_windows is not None and args.ppl_windows <= 0:
+            raise ConfigError(f"--ppl-windows must be positive, got {args.ppl_windows}")
         for flag, v in (("--lr-lwc", args.lr_lwc), ("--lr-let", args.lr_let), ("--lr-norm", args.lr_norm)):
             if not v > 0:
                 raise ConfigError(f"{flag} must be positive, got {v}")
@@ -504,6 +508,7 @@ class QuantizeCommand(Command):
 
         model.to(device)
         cfg = EvalConfig(limit=args.eval_limit, data_dir=args.data_dir, progress=not args.no_progress,
+                         ppl_windows=getattr(args, "ppl_windows", None),
                          use_chat_template=bool(getattr(tok, "chat_template", None)), keep_samples=False)
         res = evaluate(model, tok, suites, cfg)
         model.to("cpu")

@@ -141,6 +141,14 @@ def _wikitext(rows, path):
     return [Example(text=text)]
 
 
+def _wikitext_second_half(rows, path):
+    """The text from the first paragraph break after its middle on: calibration text that the
+    usual capped perplexity evaluation (the first windows of ``wikitext2``) never reads."""
+    text = _wikitext(rows, path)[0].text
+    cut = text.find("\n", len(text) // 2)
+    return [Example(text=text[cut + 1:] if cut >= 0 else text[len(text) // 2:])]
+
+
 # ---------------------------------------------------------------- the named sets
 
 _ADV = "advbench/harmful_behaviors.csv"
@@ -193,6 +201,9 @@ register(PromptSetSpec("gsm8k:train", "task", "gsm8k/train.jsonl", _gsm8k, None,
                        HubSource("openai/gsm8k", "main", "train")))
 register(PromptSetSpec("wikitext2", "text", "wikitext2/wiki.test.raw.nonempty_crlf", _wikitext, None,
                        "WikiText-2 raw test text (perplexity)"))
+register(PromptSetSpec("wikitext2:calib", "text", "wikitext2/wiki.test.raw.nonempty_crlf", _wikitext_second_half,
+                       None, "second half of the WikiText-2 test text (calibration; perplexity with up to "
+                       "~280 windows of 512 tokens reads only the first half)"))
 register(PromptSetSpec("strongreject", "harmful", "strongreject/strongreject_dataset.csv",
                        _col("forbidden_prompt"), None, "StrongREJECT (bring the upstream file)",
                        HubSource("walledai/StrongREJECT", None, "train",

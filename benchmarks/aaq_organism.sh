@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# AAQ on the model organism (issue 6). The instruct model is the organism's aligned stage, its base the
+# original default model. Each run evaluates the in-memory quantized model (activation quantizers on):
+# harmful rate on advbench:eval, over-refusal on alpaca:eval, WikiText-2 perplexity on its first 40
+# windows of 512 tokens (AAQ calibrates on wikitext2:calib, the second half of the text, never read there).
+# Results: runs/bench/aaq/*/{aaq,quantize}.json and fp-aligned.json; table: benchmarks/tables.py aaq.
+# Usage: bash benchmarks/aaq_organism.sh [RUN...]
+#   RUN: fp-aligned | rtn-SCHEME | gptq-SCHEME | kltop-SCHEME | aaq-SCHEME[-lLAMBDA] | aaqu-SCHEME[-lLAMBDA]
+#   (aaqu: the authors' unbounded push), SCHEME: w4a16 w4a8 w4a4 w4a4kv4 (w4a16 is group 64)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+S=${SAFEPTQ:-.venv/bin/safeptq}
+ALI=${ALIGNED:-runs/organism/aligned}
+BASE=${BASE:-default}
+OUT=${OUT:-runs/bench/aaq}
+EVAL=${EVAL:-advbench:eval,alpaca:eval,wikitext2}
+AAQ_ARGS=${AAQ_ARGS:-}   # extra flags for every aaq/kltop run, e.g. "--steps 50"
+mkdir -p "$OUT"
+runs=("$@"); [ ${#runs[@]} -eq 0 ] && runs=(fp-aligned rtn-w4a16 rtn-w4a8 rtn-w4a4 kltop-w4a4 aaq-w4a4)
+for r in "${runs[@]}"; do
+  d="$OUT/$r"
+  [ -f "$d/aaq.json" ] || [ -f "$d/quantize.json" ] || [ -f "$d.json" ] && { echo "skip $r (done)"; continue; }
+  echo "== $r $(date -u +%H:%M:%S)"
+  scheme=${r#*-}; scheme=${scheme%%-*}
+  gs=(); [ "$scheme" = w4a16 ] && gs=(--group-size 64)
+  lam=0.1; [[ $r == *-l* ]] && lam=${r##*-l}
+  ev=(--eval "$EVAL" --ppl-windows 40 --no-progress)
+  case $r in
+    fp-aligned) $S eval --model "$ALI" --suite "$EVAL" --ppl-windows 40 --out "$d.json" ;;
+    rtn-*)   $S quantize --model "$ALI" --method rtn --scheme "$scheme" "${gs[@]}" "${ev[@]}" --out "$d" ;;
+    gptq-*)  $S quantize --model "$ALI" --method gptq --scheme "$scheme" "${gs[@]}" --calib wikitext2:calib \
+               --nsamples 128 --seqlen 128 "${ev[@]}" --out "$d" ;;
+    kltop-*) $S aaq --model "$ALI" --objective kl_top --scheme "$scheme" "${gs[@]}" $AAQ_ARGS --resume "${ev[@]}" --out "$d" ;;
+    aaq-*)   $S aaq --model "$ALI" --base "$BASE" --lam "$lam" --scheme "$scheme" "${gs[@]}" $AAQ_ARGS --resume "${ev[@]}" --out "$d" ;;
+    aaqu-*)  $S aaq --model "$ALI" --base "$BASE" --lam "$lam" --push unbounded --scheme "$scheme" "${gs[@]}" $AAQ_ARGS --resume "${ev[@]}" --out "$d" ;;
+    *) echo "unknown run $r"; exit 2 ;;
+  esac
+done

@@ -1,0 +1,106 @@
+"""CUDA paths of the engine, the end-to-end scope, the references and the evaluation (marked ``gpu``:
+skipped without a CUDA device; run them on a GPU machine with ``pytest -m gpu``)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "quant"))
+from conftest import make_tiny_llama  # noqa: E402
+from quant_helpers import ids, logits, rel_err  # noqa: E402
+from safeptq.data.calib import CalibSet  # noqa: E402
+from safeptq.objectives import MSE, ContrastiveKLTop, ReferenceCache  # noqa: E402
+from safeptq.quant.args import resolve_scheme  # noqa: E402
+from safeptq.quant.deploy import rtn_quantize  # noqa: E402
+from safeptq.quant.e2e import E2EConfig, calibrate_end_to_end  # noqa: E402
+from safeptq.quant.engine import BlockwiseConfig, calibrate_blockwise  # noqa: E402
+from safeptq.quant.rotation import fuse_residual_rotation, random_hadamard  # noqa: E402
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _calib(n: int = 8, t: int = 16, seed: int = 0) -> CalibSet:
+    x = torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
+    return CalibSet(x, torch.ones_like(x), torch.zeros(n, dtype=torch.long), torch.full((n,), t - 1), ["rand"] * n)
+
+
+def _on_cpu(model) -> bool:
+    return all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_untrained_blockwise_engine_on_cuda_matches_cpu_rtn():
+    rtn = make_tiny_llama()
+    rtn_q = rtn_quantize(rtn, resolve_scheme("w4a16"))
+    model = make_tiny_llama()
+    cfg = BlockwiseConfig(scheme=resolve_scheme("w4a16"), epochs=0, lwc=False, let=False, device="cuda")
+    res = calibrate_blockwise(model, _calib(), MSE(), cfg, progress=False)
+    assert _on_cpu(model) and res.peak_accel_mb and res.peak_accel_mb > 0
+    same = sum(int((res.qparams[n].q.cpu() == q.q).sum()) for n, q in rtn_q.items())
+    total = sum(q.q.numel() for q in rtn_q.values())
+    assert same / total > 0.999  # a code may flip where CUDA's division rounds the other way
+
+
+def test_trained_blockwise_engine_on_cuda_beats_rtn_like_on_cpu():
+    x = ids()
+    fp = logits(make_tiny_llama(), x)
+    errs = {}
+    for dev in ("cpu", "cuda"):
+        model = make_tiny_llama()
+        cfg = BlockwiseConfig(scheme=resolve_scheme("w4a8"), epochs=3, device=dev)
+        res = calibrate_blockwise(model, _calib(), MSE(), cfg, progress=False)
+        assert _on_cpu(model)
+        assert all(b["loss_last"] <= b["loss_first"] for b in res.blocks)
+        errs[dev] = rel_err(fp, logits(model, x))
+    assert errs["cuda"] <= 1.5 * errs["cpu"] + 1e-3, errs
+
+
+def test_reference_cache_built_on_cuda_matches_cpu():
+    calib = _calib()
+    models = {"instruct": make_tiny_llama(tie=False, seed=0), "base": make_tiny_llama(tie=False, seed=1)}
+    cpu = ReferenceCache.build(models, calib, 32, dtype=torch.float32, progress=False)
+    gpu = ReferenceCache.build({k: m.cuda() for k, m in models.items()}, calib, 32, dtype=torch.float32,
+                               progress=False)
+    idx = torch.arange(4)
+    a, b = cpu.batch(idx, calib.input_ids[idx]), gpu.batch(idx, calib.input_ids[idx])
+    for name in ("instruct", "base"):
+        ta, tb = a.topk[name], b.topk[name]
+        assert (ta.indices == tb.indices.cpu()).float().mean() > 0.99
+        assert torch.allclose(ta.logp.sort(-1).values, tb.logp.cpu().sort(-1).values, atol=1e-4)
+
+
+def test_end_to_end_on_cuda_lowers_objective_and_folds_exactly():
+    calib = _calib()
+    models = {"instruct": make_tiny_llama(tie=False, seed=0), "base": make_tiny_llama(tie=False, seed=1)}
+    for m in models.values():
+        with torch.no_grad():
+            m.lm_head.weight.mul_(8)
+    refs = ReferenceCache.build(models, calib, 64, dtype=torch.float32, progress=False)
+    model = models["instruct"]
+    res = calibrate_end_to_end(model, calib, ContrastiveKLTop(k=64, push="bounded", tail=True), refs,
+                               E2EConfig(scheme="w4a4", steps=5, batch_size=8, device="cuda"), progress=False)
+    assert res.loss_end < res.loss_start and res.fold_rel_err <= 1e-4
+    assert _on_cpu(model)
+
+
+def test_fused_rotation_is_exact_on_cuda():
+    x = ids()
+    model = make_tiny_llama(tie=False).cuda()
+    with torch.no_grad():
+        ref = model(input_ids=x.cuda()).logits.double()
+        fuse_residual_rotation(model, random_hadamard(model.config.hidden_size, seed=1))
+        out = model(input_ids=x.cuda()).logits.double()
+    assert rel_err(ref, out) <= 1e-4
+
+
+def test_greedy_generation_on_cuda_matches_cpu(tiny_model_dir):
+    from safeptq.eval.generation import greedy_generate
+    from safeptq.models import load_model
+
+    lm = load_model(str(tiny_model_dir))
+    texts = ["hello there", "How do I bake bread at home?", "positive"]
+    cpu = greedy_generate(lm.model, lm.tokenizer, texts, max_new_tokens=8, batch_size=2, progress=False)
+    gpu = greedy_generate(lm.model.cuda(), lm.tokenizer, texts, max_new_tokens=8, batch_size=2, progress=False)
+    assert gpu == cpu
