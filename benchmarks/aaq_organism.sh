@@ -6,7 +6,8 @@
 # Results: runs/bench/aaq/*/{aaq,quantize}.json and fp-aligned.json; table: benchmarks/tables.py aaq.
 # Usage: bash benchmarks/aaq_organism.sh [RUN...]
 #   RUN: fp-aligned | rtn-SCHEME | gptq-SCHEME | kltop-SCHEME | aaq-SCHEME[-lLAMBDA] | aaqu-SCHEME[-lLAMBDA]
-#   (aaqu: the authors' unbounded push), SCHEME: w4a16 w4a8 w4a4 w4a4kv4 (w4a16 is group 64)
+#   (aaqu: the authors' unbounded push), SCHEME: w4a16 w4a8 w4a4 w4a4kv4 (w4a16 is group 64);
+#   memory runs (5 steps, no evaluation): mem-kltop, mem-aaq (cached references), mem-live (live references)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 S=${SAFEPTQ:-.venv/bin/safeptq}
@@ -25,7 +26,11 @@ for r in "${runs[@]}"; do
   gs=(); [ "$scheme" = w4a16 ] && gs=(--group-size 64)
   lam=0.1; [[ $r == *-l* ]] && lam=${r##*-l}
   ev=(--eval "$EVAL" --ppl-windows 40 --no-progress)
+  mem=(--scheme w4a4 --steps 5 --no-progress --out "$d")
   case $r in
+    mem-kltop) $S aaq --model "$ALI" --objective kl_top "${mem[@]}" ;;
+    mem-aaq)   $S aaq --model "$ALI" --base "$BASE" "${mem[@]}" ;;
+    mem-live)  $S aaq --model "$ALI" --base "$BASE" --no-ref-cache "${mem[@]}" ;;
     fp-aligned) $S eval --model "$ALI" --suite "$EVAL" --ppl-windows 40 --out "$d.json" ;;
     rtn-*)   $S quantize --model "$ALI" --method rtn --scheme "$scheme" "${gs[@]}" "${ev[@]}" --out "$d" ;;
     gptq-*)  $S quantize --model "$ALI" --method gptq --scheme "$scheme" "${gs[@]}" --calib wikitext2:calib \

@@ -1,6 +1,7 @@
-"""Markdown tables from safeptq run records (realign.json / quantize.json / eval JSON).
+"""Markdown tables from safeptq run records (realign.json / quantize.json / aaq.json / eval JSON).
 
     python benchmarks/tables.py runs/bench/realign/*        # one row per run folder
+    python benchmarks/tables.py --aaq runs/bench/aaq/fp-aligned.json runs/bench/aaq/*/   # AAQ table
 """
 
 from __future__ import annotations
@@ -15,13 +16,45 @@ SUITES = ["advbench:eval", "harmbench", "alpaca:eval", "sst2", "wikitext2"]
 
 
 def load(folder: Path) -> dict | None:
-    for name in ("realign.json", "quantize.json"):
+    for name in ("realign.json", "quantize.json", "aaq.json"):
         if (folder / name).is_file():
             return json.loads((folder / name).read_text())
-    if (folder / "eval.json").is_file():  # a full-precision reference from `safeptq eval`
-        ev = json.loads((folder / "eval.json").read_text())
+    ev_file = folder if folder.suffix == ".json" else folder / "eval.json"
+    if ev_file.is_file():  # a full-precision reference from `safeptq eval`
+        ev = json.loads(ev_file.read_text())
         return {"recipe": {"method": "fp"}, "scheme": {"name": "fp"}, "eval": ev.get("suites", ev)}
     return None
+
+
+def _cell(res: dict | None) -> str:
+    return "—" if res is None else "{1} {2}".format(*format_metric(res)).strip()
+
+
+def aaq_table(paths: list[str]) -> None:
+    """Harmful rate, over-refusal, perplexity (ratio to the FP row), training time and peak RSS."""
+    docs = [(Path(p), load(Path(p))) for p in paths]
+    docs = [(p, d) for p, d in docs if d is not None]
+    fp = next((d for _, d in docs if d["recipe"]["method"] == "fp"), None)
+    fp_ppl = ((fp or {}).get("eval") or {}).get("wikitext2", {}).get("perplexity")
+    head = ["run", "method", "scheme", "λ", "advbench:eval harmful", "alpaca:eval over-refusal", "WikiText-2 ppl",
+            "ppl / FP", "training s", "peak RSS MiB (training)"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for p, d in docs:
+        rec, ev = d["recipe"], d.get("eval") or {}
+        method = rec["method"] if rec["method"] != "aaq" else rec.get("objective", "aaq")
+        if method == "contrastive":
+            method = f"aaq ({rec.get('push')})"
+        lam = f"{rec['lambda']:g}" if rec.get("objective") == "contrastive" else "—"
+        scheme = d["scheme"]["name"] + (f"-g{rec['group_size']}" if rec.get("group_size") else "")
+        ppl = (ev.get("wikitext2") or {}).get("perplexity")
+        ratio = f"{ppl / fp_ppl:.2f}" if ppl and fp_ppl else "—"
+        train = (d.get("phases") or {}).get("training") or d.get("calibration") or {}
+        t = train.get("wall_time_s", d.get("quantize_time_s"))
+        rss = train.get("peak_rss_mb")
+        print("| " + " | ".join([p.name.removesuffix(".json"), method, scheme, lam, _cell(ev.get("advbench:eval")),
+                                 _cell(ev.get("alpaca:eval")), _cell(ev.get("wikitext2")), ratio,
+                                 "—" if t is None else f"{t:.0f}", "—" if not rss else f"{rss:.0f}"]) + " |")
 
 
 def main(folders: list[str]) -> None:
@@ -34,7 +67,7 @@ def main(folders: list[str]) -> None:
         cells = [f.name, rec["method"], doc["scheme"]["name"] + (f"-g{rec['group_size']}" if rec.get("group_size") else "")]
         for s in SUITES:
             res = (doc.get("eval") or {}).get(s)
-            cells.append("—" if res is None else "{1} {2}".format(*format_metric(res)).strip())
+            cells.append(_cell(res))
         sep = doc.get("separability") or {}
         after = (sep.get("after") or {}).get("mean_late_layers") or {}
         cells.append(f"{after['malicious_on_malicious_side']:.2f}" if after else "—")
@@ -50,4 +83,7 @@ def main(folders: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:2] == ["--aaq"]:
+        aaq_table(sys.argv[2:])
+    else:
+        main(sys.argv[1:])

@@ -38,9 +38,18 @@ def test_untrained_blockwise_engine_on_cuda_matches_cpu_rtn():
     cfg = BlockwiseConfig(scheme=resolve_scheme("w4a16"), epochs=0, lwc=False, let=False, device="cuda")
     res = calibrate_blockwise(model, _calib(), MSE(), cfg, progress=False)
     assert _on_cpu(model) and res.peak_accel_mb and res.peak_accel_mb > 0
+    assert all(t.device.type == "cpu" for qw in res.qparams.values() for t in qw)  # none left on the GPU
+    # Seen on an H200 (torch 2.11): 0.55% of the codes differ from the CPU's, by one step where
+    # w / scale sits at a rounding boundary; the reconstruction error must be the same.
+    for name, qw in rtn_q.items():
+        q = res.qparams[name]
+        assert (q.q.cpu().float() - qw.q.float()).abs().max() <= 1, name
+        w = make_tiny_llama().get_submodule(name).weight
+        err_gpu = ((q.dequantized.cpu() - w) ** 2).mean()
+        err_cpu = ((qw.dequantized - w) ** 2).mean()
+        assert torch.isclose(err_gpu, err_cpu, rtol=0.02), name
     same = sum(int((res.qparams[n].q.cpu() == q.q).sum()) for n, q in rtn_q.items())
-    total = sum(q.q.numel() for q in rtn_q.values())
-    assert same / total > 0.999  # a code may flip where CUDA's division rounds the other way
+    assert same / sum(q.q.numel() for q in rtn_q.values()) > 0.99
 
 
 def test_trained_blockwise_engine_on_cuda_beats_rtn_like_on_cpu():
@@ -83,6 +92,7 @@ def test_end_to_end_on_cuda_lowers_objective_and_folds_exactly():
                                E2EConfig(scheme="w4a4", steps=5, batch_size=8, device="cuda"), progress=False)
     assert res.loss_end < res.loss_start and res.fold_rel_err <= 1e-4
     assert _on_cpu(model)
+    assert all(t.device.type == "cpu" for qw in res.qparams.values() for t in qw)
 
 
 def test_fused_rotation_is_exact_on_cuda():

@@ -36,7 +36,7 @@ def test_greedy_generate_matches_hf_generate(tiny_model_dir):
     tok.padding_side = "left"
     ref = []
     for t in texts:  # one by one: no padding, the reference
-        enc = tok(t, return_tensors="pt", add_special_tokens=False)
+        enc = tok(t, return_tensors="pt", add_special_tokens=False).to(lm.model.device)
         g = lm.model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
         ref.append(tok.decode(g[0, enc.input_ids.shape[1]:], skip_special_tokens=True))
     assert ours == ref
@@ -49,7 +49,7 @@ def test_perplexity_matches_manual(tiny_model_dir):
     ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     nll, n = 0.0, 0
     for a in range(0, len(ids) - 32 + 1, 32):
-        x = ids[a:a + 32][None]
+        x = ids[a:a + 32][None].to(lm.model.device)  # load_model puts it on CUDA where there is one
         with torch.no_grad():
             nll += lm.model(x, labels=x).loss.item() * 31
         n += 31

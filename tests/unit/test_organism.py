@@ -29,7 +29,8 @@ def test_response_loss_equals_hf_loss(tiny_model_dir):
     ids, labels, mask = next(build_batches(ex, 2, 0, 0, lm.tokenizer.pad_token_id))
     with torch.no_grad():
         ours = response_loss(lm.model, ids, mask, labels)
-        ref = lm.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        dev = lm.model.device  # load_model puts it on CUDA where there is one
+        ref = lm.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev)).loss
     assert torch.allclose(ours, ref, rtol=1e-5)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 
 from .quantize_cmd import QuantizeCommand
 
@@ -92,6 +93,8 @@ class RealignCommand(QuantizeCommand):
         super().resolve_defaults(args)
         if args.benign_anchor < 0:
             raise ConfigError(f"--benign-anchor must be non-negative, got {args.benign_anchor}")
+        if not (math.isfinite(args.probe_weight) and args.probe_weight >= 0):
+            raise ConfigError(f"--probe-weight must be non-negative, got {args.probe_weight}")
         if not 0 < args.malicious_share < 1:
             raise ConfigError(f"--malicious-share must be in (0, 1), got {args.malicious_share}")
         if args.probes and args.probe_model:

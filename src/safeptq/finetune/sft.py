@@ -175,6 +175,8 @@ def response_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Te
     there is a label: with short replies (a label word, a refusal) that skips most of the cost of a
     49k-word output layer."""
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    dev = core.lm_head.weight.device
+    ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
     hidden = core.model(input_ids=ids, attention_mask=mask).last_hidden_state
     target = labels[:, 1:]
     sel = target != -100

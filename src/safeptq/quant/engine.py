@@ -203,12 +203,13 @@ def _fingerprint(model, calib: CalibSet, objective: BlockObjective, cfg: Blockwi
 def finish_layer(layer: nn.Module, index: int, scheme: Scheme) -> dict[str, QuantizedWeight]:
     """Quantize a wrapped decoder layer's weights (RTN with its learned clipping), unwrap it to plain
     linears and attach the scheme's activation quantization; returns the exact integer parameters
-    by linear name (for the exporter)."""
+    by linear name (for the exporter), on the CPU: the layer goes back there, and the accelerator
+    must not keep a copy of every quantized weight."""
     qparams = {}
     for rel in LLAMA_LINEARS:
         mod = layer.get_submodule(rel)
         if isinstance(mod, QuantLinear) and mod.weight_quantizer is not None:
-            qparams[f"model.layers.{index}.{rel}"] = mod.quantized_weight()
+            qparams[f"model.layers.{index}.{rel}"] = QuantizedWeight(*(t.cpu() for t in mod.quantized_weight()))
     unwrap_decoder_layer(layer, fold=True)
     attach_act_quant(layer, scheme)
     return qparams
