@@ -210,11 +210,15 @@ def test_awq_with_activation_quantization_is_refused_early(tiny_model_dir, tmp_p
                              "--out", tmp_path / "q"], "AWQ is a weight-only method")
 
 
-def test_gptq_baseline(tiny_model_dir, tmp_path, prompts_jsonl, capsys):
+@pytest.mark.parametrize("scheme, fmt", [("w4a16", "pack-quantized"), ("w4a8", "int-quantized")])
+def test_gptq_baseline(tiny_model_dir, tmp_path, prompts_jsonl, capsys, scheme, fmt):
+    """W4A8 also checks the weights-only comparison: llm-compressor's model quantizes its own
+    activations, which must be off on both sides (it once failed the reload check)."""
     pytest.importorskip("llmcompressor")
     out = tmp_path / "gptq"
-    _ok(capsys, "--model", tiny_model_dir, "--method", "gptq", "--scheme", "w4a16", "--group-size", 32,
+    gs = ["--group-size", 32] if scheme == "w4a16" else []
+    _ok(capsys, "--model", tiny_model_dir, "--method", "gptq", "--scheme", scheme, *gs,
         "--calib", prompts_jsonl, "--nsamples", 4, "--seqlen", 32, "--out", out)
     doc = json.loads((out / RUN_FILE).read_text())
     assert doc["calibration"]["method"] == "llmcompressor:gptq"
-    assert doc["export"]["format"] == "pack-quantized" and doc["verify"]["max_rel_err"] < 1e-5
+    assert doc["export"]["format"] == fmt and doc["verify"]["weights_only_max_rel_err"] < 1e-5

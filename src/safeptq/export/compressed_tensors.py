@@ -370,7 +370,14 @@ def reload_check(out_dir: str | Path, reference_model: nn.Module, input_ids: tor
         log.warning("transformers could not load/run %s (%s); using compressed-tensors decompression", out, e)
         model, path = _reload_ct(out, dtype), "compressed-tensors"
     ids = input_ids.to(next(reference_model.parameters()).device)
-    ref_w = reference_model(input_ids=ids).logits
+    # a model quantized by llm-compressor runs compressed-tensors' activation QDQ itself: off for
+    # the weights-only comparison, as on the reloaded side
+    ref_ct = _set_ct_quant(reference_model, False)
+    try:
+        ref_w = reference_model(input_ids=ids).logits
+    finally:
+        if ref_ct:
+            _set_ct_quant(reference_model, True)
     acts_on_reload = info["format"] != DENSE and scheme.input_activations is not None
     _set_ct_quant(model, False)
     got_w = model(input_ids=input_ids.cpu()).logits
