@@ -163,6 +163,24 @@ def test_w4a16_exports_pack_quantized_with_an_explicit_cache(models, prompts, ho
     assert not (tmp_path / "k8").exists() and not (tmp_path / "k8.work").exists()
 
 
+def test_gptq_weights_after_training_export_and_reload(models, prompts, home, tmp_path, capsys):
+    """--weights gptq: the trained transforms are folded, then llm-compressor's GPTQ rounds the weights;
+    its exporter and the reload check (with its own activation quantization off on both sides)."""
+    pytest.importorskip("llmcompressor")
+    out = tmp_path / "gptq"
+    _ok(capsys, "--model", models["instruct"], "--objective", "kl_top", "--scheme", "w4a8", "--weights", "gptq",
+        "--calib", prompts, "--no-chat", *_FAST, "--out", out)
+    doc = _doc(out)
+    assert doc["calibration"]["method"] == "aaq+llmcompressor:gptq" and doc["recipe"]["weights"].startswith("llm")
+    assert doc["export"]["format"] == "int-quantized" and doc["verify"]["weights_only_max_rel_err"] < 1e-3
+    assert set(doc["phases"]) == {"references", "training", "gptq"} and doc["calibration"]["fold_rel_err"] <= 1e-4
+    assert not (tmp_path / "gptq.work").exists()
+    # KV-cache schemes have no llm-compressor recipe: refused before any work
+    _one_line_error(capsys, ["--model", models["instruct"], "--objective", "kl_top", "--scheme", "w4a4kv4",
+                             "--weights", "gptq", "--out", tmp_path / "kv"], "KV")
+    assert not (tmp_path / "kv").exists()
+
+
 def test_kl_top_runs_without_base_and_live_references(models, prompts, home, tmp_path, capsys, caplog):
     out = tmp_path / "kl"
     _ok(capsys, "--model", models["instruct"], "--objective", "kl_top", "--lam", "0.3", "--scheme", "w4a4kv4",

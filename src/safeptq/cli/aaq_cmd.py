@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -35,6 +36,7 @@ __all__ = ["AAQCommand", "OBJECTIVES", "reference_model_id"]
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("contrastive", "kl_top")
+FOLDED = "folded"  # work sub-folder: the trained, folded full-precision model that --weights gptq rounds
 _ALIASES = {"contrastive": "contrastive", "contrastive-kl-top": "contrastive", "aaq": "contrastive",
             "kl-top": "kl_top"}
 _OBJECTIVE_DEFAULTS = {"lam": 0.1, "push": "bounded", "tau": "ref"}  # used by the contrastive objective only
@@ -80,7 +82,7 @@ class AAQCommand(QuantizeCommand):
     batch_size_default = 4
     train_defaults = {"lr_rotation": 1e-3, "lr_smoothing": 1e-3, "lr_lwc": 1e-2}
     work_files = ("e2e_state.pt", "e2e_state.pt.tmp")
-    work_dirs = ()
+    work_dirs = (FOLDED,)
     device_help = ("device of the reference models and of the training (cpu, cuda, cuda:N or auto, the "
                    "default): the whole model goes there in float32 while training")
     help = "AAQ: quantize an instruct model end to end with a contrastive KL (pull to instruct, push from base)"
@@ -158,6 +160,11 @@ class AAQCommand(QuantizeCommand):
         g.add_argument("--no-lwc", action="store_true", help="no learnable weight clipping (min/max ranges)")
         g.add_argument("--smooth-alpha", type=float, default=0.5,
                        help="SmoothQuant migration strength that initialises the smoothing scales (0.5)")
+        g.add_argument("--weights", default="rtn", choices=("rtn", "gptq"),
+                       help="how the weights are rounded after training: rtn (default) = round to nearest with "
+                            "the learned clipping; gptq = llm-compressor's GPTQ on the folded (rotated, smoothed) "
+                            "model with the same calibration tokens, its own ranges instead of the learned "
+                            "clipping (needs safeptq[baselines]; no KV-cache schemes)")
         g.add_argument("--save-every", type=int, default=20,
                        help="checkpoint the transforms every N steps into the work folder (20; 0 = at the end)")
         self.add_resume_arguments(g, "end-to-end checkpoint")
@@ -230,6 +237,12 @@ class AAQCommand(QuantizeCommand):
                 raise ConfigError(f"{flag} must be positive, got {v}")
         if not 0 <= args.smooth_alpha <= 1:
             raise ConfigError(f"--smooth-alpha must be in [0, 1], got {args.smooth_alpha}")
+        if args.weights == "gptq":
+            from ..baselines import llmcompressor as lc
+            from ..quant.args import resolve_scheme
+
+            lc.require_llmcompressor()
+            lc.build_recipe("gptq", resolve_scheme(args.scheme, group_size=args.group_size))  # refuses KV schemes
 
     def uses_work_dir(self, args) -> bool:
         return True
@@ -301,11 +314,21 @@ class AAQCommand(QuantizeCommand):
         t_train = time.time()
         with phase_peak() as train_mem:
             res = calibrate_end_to_end(lm.model, calib, objective, refs, cfg, work_dir=ctx.work, resume=args.resume,
-                                       progress=not args.no_progress)
+                                       progress=not args.no_progress, finalize=args.weights == "rtn")
         train_s = time.time() - t_train
         del refs  # live reference models go now
+        phases = {"references": {"wall_time_s": round(ref_s, 2), **ref_mem.as_dict()},
+                  "training": {"wall_time_s": round(train_s, 2), **train_mem.as_dict()}}
 
-        report = {"method": "aaq", "qparams": res.qparams, **res.summary(), "objective": objective.describe()}
+        model, method = lm.model, "aaq"
+        if args.weights == "gptq":
+            t_gptq = time.time()
+            with phase_peak() as gptq_mem:
+                model = self._gptq_weights(ctx)
+            phases["gptq"] = {"wall_time_s": round(time.time() - t_gptq, 2), **gptq_mem.as_dict()}
+            method = "aaq+llmcompressor:gptq"  # the llm-compressor exporter and reload check
+        report = {"method": method, "qparams": res.qparams, **res.summary(),
+                  "objective": objective.describe()}
         recipe = {
             "method": "aaq", "scheme": scheme.name, "group_size": args.group_size,
             "objective": args.objective, "formula": _formula(args), "k": args.topk, "lambda": args.lam,
@@ -315,22 +338,47 @@ class AAQCommand(QuantizeCommand):
             "lr": {"rotation": args.lr_rotation, "smoothing": args.lr_smoothing, "lwc": args.lr_lwc},
             "transforms": {"rotation": cfg.rotation, "online_hadamard": cfg.use_online_hadamard,
                            "smoothing": cfg.smoothing, "smooth_alpha": cfg.smooth_alpha, "lwc": cfg.lwc},
-            "weights": "round to nearest with the learned clipping (no GPTQ)",
+            "weights": ("round to nearest with the learned clipping" if args.weights == "rtn" else
+                        "llm-compressor GPTQ on the folded model (learned clipping not used)"),
             "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "chat": ctx.chat,
             "seed": args.seed,
         }
         record = {
             "references": ref_info,
-            "phases": {"references": {"wall_time_s": round(ref_s, 2), **ref_mem.as_dict()},
-                       "training": {"wall_time_s": round(train_s, 2), **train_mem.as_dict()}},
+            "phases": phases,
             "loss": {"start": res.loss_start, "end": res.loss_end,
                      "terms_start": _terms(res.terms_start), "terms_end": _terms(res.terms_end),
                      "measured_on": "the first training batch, before the first step and after the last",
                      "per_step": [_terms(r, keep=("step", "seconds")) for r in res.records]},
             "notes": notes,
         }
-        return Calibrated(model=lm.model, report=report, recipe=recipe, config=cfg.fingerprint(),
-                          quant_s=ref_s + train_s, record=record)
+        return Calibrated(model=model, report=report, recipe=recipe, config=cfg.fingerprint(),
+                          quant_s=sum(p["wall_time_s"] for p in phases.values()), record=record)
+
+    @staticmethod
+    def _gptq_weights(ctx: RunContext):
+        """GPTQ the trained model: unwrap it to plain full-precision linears (transforms already
+        folded), save it in the work folder (llm-compressor re-reads the config from disk, and the
+        rotation untied the embeddings), and run llm-compressor's GPTQ on the calibration tokens."""
+        from ..baselines.llmcompressor import run_llmcompressor
+        from ..models import save_model
+        from ..quant.qlinear import set_quantizers_enabled, unwrap_decoder_layer
+        from ..quant.rotation import decoder_parts
+
+        model, tok, calib = ctx.lm.model, ctx.lm.tokenizer, ctx.calib
+        set_quantizers_enabled(model, False)
+        for layer in decoder_parts(model)[1]:
+            unwrap_decoder_layer(layer, fold=True)  # quantizers off: the folded full-precision weights
+        folded = save_model(model, tok, ctx.work / FOLDED)
+        ids = [row[: int(m.sum())] for row, m in zip(calib.input_ids, calib.attention_mask)]
+        # the folder stays until the export (llm-compressor reads it again when saving); see _remove_work_dir
+        return run_llmcompressor(str(folded), tok, "gptq", ctx.scheme, ids, nsamples=len(ids),
+                                 seqlen=int(calib.input_ids.shape[1]))
+
+    @classmethod
+    def _remove_work_dir(cls, work: Path) -> None:
+        shutil.rmtree(work / FOLDED, ignore_errors=True)  # the folded copy --weights gptq wrote
+        super()._remove_work_dir(work)
 
     @staticmethod
     def _notes(args, scheme) -> list[str]:

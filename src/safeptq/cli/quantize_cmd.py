@@ -434,7 +434,7 @@ class QuantizeCommand(Command):
         from ..errors import ExportError
         from ..export.folder import SIDE_FILE
         from ..quant.engine import peak_memory_mb
-        from ..quant.methods import LLMCOMPRESSOR, save_quantized
+        from ..quant.methods import by_llmcompressor, save_quantized
 
         out, lm, calib, scheme, device = ctx.out, ctx.lm, ctx.calib, ctx.scheme, ctx.device
         model, tok, report, recipe, record = cal.model, lm.tokenizer, cal.report, cal.recipe, cal.record
@@ -444,7 +444,7 @@ class QuantizeCommand(Command):
                     "seqlen": int(calib.input_ids.shape[1]) if calib is not None else 0,
                     "config": cal.config}
         save_quantized(model, tok, scheme, out, report, metadata)
-        verify = self._verify(out, model, tok, args.method not in LLMCOMPRESSOR, scheme)
+        verify = self._verify(out, model, tok, not by_llmcompressor(report), scheme)
         if verify["weights_only_max_rel_err"] > _VERIFY_MAX_REL_ERR:
             raise ExportError(f"the export in {out} does not reload to the quantized model (weights-only logits "
                               f"max rel err {verify['weights_only_max_rel_err']:.3g} > {_VERIFY_MAX_REL_ERR}); "

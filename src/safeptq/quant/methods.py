@@ -17,7 +17,7 @@ from safeptq.quant.args import Scheme
 from safeptq.quant.deploy import rtn_quantize
 from safeptq.quant.engine import BlockwiseConfig, CalibResult, calibrate_blockwise, peak_memory_mb
 
-__all__ = ["BUILTIN", "LLMCOMPRESSOR", "METHODS", "run_method", "save_quantized"]
+__all__ = ["BUILTIN", "LLMCOMPRESSOR", "METHODS", "by_llmcompressor", "run_method", "save_quantized"]
 
 BUILTIN = ("rtn", "omniquant", "realign")
 LLMCOMPRESSOR = ("gptq", "awq", "smoothquant+gptq")
@@ -57,16 +57,22 @@ def run_method(method: str, model: nn.Module, tokenizer, scheme: Scheme, calib: 
                    "peak_rss_mb": round(rss, 1), "peak_accel_mb": acc}
 
 
+def by_llmcompressor(report: dict) -> bool:
+    """Whether llm-compressor produced the weights (``method`` "llmcompressor:gptq", or
+    "aaq+llmcompressor:gptq"): its own exporter, and its own activation quantization in the model."""
+    return "llmcompressor:" in str(report.get("method", ""))
+
+
 def save_quantized(model: nn.Module, tokenizer, scheme: Scheme, out: str | Path, report: dict,
                    metadata: dict | None = None) -> Path:
     """Write the quantized model: compressed-tensors for servable schemes, dense fake-quant
     otherwise (see :mod:`safeptq.export`). ``report`` comes from :func:`run_method`."""
     meta = {k: v for k, v in report.items() if k != "qparams"}
     meta.update(metadata or {})
-    if str(report.get("method", "")).startswith("llmcompressor:"):
+    if by_llmcompressor(report):
         from safeptq.baselines.llmcompressor import save_baseline
 
-        return save_baseline(model, tokenizer, out, report["method"].split(":", 1)[1], scheme,
+        return save_baseline(model, tokenizer, out, report["method"].split("llmcompressor:", 1)[1], scheme,
                              meta.get("nsamples", 0), meta.get("seqlen", 0))
     from safeptq.export import export_compressed
 
