@@ -86,7 +86,7 @@ def test_help_lists_the_options(capsys):
     out = capsys.readouterr().out
     for flag in ("--model", "--base", "--scheme", "--group-size", "--objective", "--lam", "--topk", "--push",
                  "--tau", "--no-tail", "--steps", "--batch-size", "--lr-rotation", "--lr-smoothing", "--lr-lwc",
-                 "--no-rotation", "--no-smoothing", "--calib", "--nsamples", "--seqlen", "--ref-cache",
+                 "--no-rotation", "--no-smoothing", "--rotation", "--smoothing", "--weights", "--calib", "--nsamples", "--seqlen", "--ref-cache",
                  "--no-ref-cache", "--resume", "--eval", "--eval-limit", "--out", "--no-progress"):
         assert flag in out, flag
     assert "--method" not in out and "--epochs" not in out
@@ -97,9 +97,10 @@ def test_contrastive_w4a4_on_wikitext_records_reuses_references_and_reloads(mode
                                                                             capsys):
     from safeptq.models import load_model
 
-    # full batches (4 of 4 samples): every step descends the very loss that start and end measure
+    # full batches (4 of 4 samples): every step descends the very loss that start and end measure; both
+    # transforms on, so the start is far from the optimum (the search below may start close to it)
     argv = ["--model", models["instruct"], "--base", models["base"], "--scheme", "w4a4", "--data-dir", shared_data,
-            *_FAST, "--batch-size", "4"]
+            *_FAST, "--batch-size", "4", "--rotation", "on", "--smoothing", "on"]
     out = tmp_path / "w4a4"
     printed = _ok(capsys, *argv, "--out", out)
     assert "loss start" in printed and f"quantized model written to {out}" in printed
@@ -110,7 +111,7 @@ def test_contrastive_w4a4_on_wikitext_records_reuses_references_and_reloads(mode
         ("aaq", "contrastive", 32, 0.1, "bounded", "ref", True, 3)
     assert r["formula"].startswith("KL_top32+tail(instruct ‖ q) − 0.1 · min(")
     assert r["lr"] == {"rotation": 1e-3, "smoothing": 1e-3, "lwc": 1e-2}
-    assert r["transforms"]["rotation"] and r["transforms"]["smoothing"] and not r["transforms"]["online_hadamard"]
+    assert not r["transforms"]["online_hadamard"]
     assert (r["calib"], r["nsamples"], r["seqlen"], r["chat"]) == ("wikitext2:calib", 4, 16, False)
     assert doc["calib_set"]["sources"] == ["wikitext2:calib"] and doc["calib_set"]["n"] == 4
     loss = doc["loss"]
@@ -128,6 +129,7 @@ def test_contrastive_w4a4_on_wikitext_records_reuses_references_and_reloads(mode
     assert doc["wall_time_s"] >= doc["quantize_time_s"] > 0 and doc["peak_rss_mb"] >= ph["training"]["peak_rss_mb"]
     assert doc["export"]["format"] == "dense" and doc["export"]["fake_quant"] is True
     assert doc["verify"]["weights_only_max_rel_err"] < 1e-3
+    assert doc["transform_search"] is None and r["transforms"]["rotation"] and r["transforms"]["smoothing"]
     assert doc["calibration"]["fold_rel_err"] < 1e-3 and doc["calibration"]["objective"]["name"] == "contrastive_kl_top"
     # the dense export reloads with its activation quantization put back
     lm = load_model(str(out), dtype="float32", device="cpu")
@@ -158,6 +160,10 @@ def test_w4a16_exports_pack_quantized_with_an_explicit_cache(models, prompts, ho
     assert doc["verify"]["reload_path"] == "transformers" and doc["verify"]["weights_only_max_rel_err"] < 1e-3
     assert doc["references"]["path"] == str(cache) and cache.is_file() and not (home / "references").exists()
     assert doc["recipe"]["chat"] is False and doc["config"]["scheme"]["weights"]["group_size"] == 32
+    search = doc["transform_search"]  # --rotation/--smoothing auto: four candidates, the lowest one used
+    assert len(search) == 4 and all(math.isfinite(c["initial_kl"]) for c in search)
+    best, tf = min(search, key=lambda c: c["initial_kl"]), doc["recipe"]["transforms"]
+    assert (tf["rotation"], tf["smoothing"]) == (best["rotation"], best["smoothing"])
     # the same file with another K is refused (it is the user's file), and nothing is written
     _one_line_error(capsys, [*argv, "--topk", "8", "--out", tmp_path / "k8"], "is stale: it holds the top-32")
     assert not (tmp_path / "k8").exists() and not (tmp_path / "k8.work").exists()

@@ -153,10 +153,17 @@ class AAQCommand(QuantizeCommand):
                        help=f"learning rate of the smoothing scales ({d['lr_smoothing']:g})")
         g.add_argument("--lr-lwc", type=float, default=None,
                        help=f"learning rate of the weight clipping factors ({d['lr_lwc']:g})")
-        g.add_argument("--no-rotation", action="store_true",
-                       help="no residual-stream rotation (by default a random Hadamard, with a learned "
-                            "rotation on top)")
-        g.add_argument("--no-smoothing", action="store_true", help="no learned smoothing scales")
+        g.add_argument("--rotation", default="auto", choices=("auto", "on", "off"),
+                       help="residual-stream rotation (a random Hadamard with a learned rotation on top): auto "
+                            "(default) = on or off, whichever starts closer to the instruct model (lower initial "
+                            "KL on the first batch, one forward pass per candidate; recorded in the run file)")
+        g.add_argument("--smoothing", default="auto", choices=("auto", "on", "off"),
+                       help="learned smoothing scales (SmoothQuant-initialised): auto (default) | on | off, as "
+                            "--rotation; the two are searched together")
+        g.add_argument("--no-rotation", dest="rotation", action="store_const", const="off",
+                       help="= --rotation off")
+        g.add_argument("--no-smoothing", dest="smoothing", action="store_const", const="off",
+                       help="= --smoothing off")
         g.add_argument("--no-lwc", action="store_true", help="no learnable weight clipping (min/max ranges)")
         g.add_argument("--smooth-alpha", type=float, default=0.5,
                        help="SmoothQuant migration strength that initialises the smoothing scales (0.5)")
@@ -294,13 +301,13 @@ class AAQCommand(QuantizeCommand):
     # -- run --------------------------------------------------------------------------------------------
     def calibrate(self, args: argparse.Namespace, ctx: RunContext) -> Calibrated:
         from ..memory import phase_peak
-        from ..quant.e2e import E2EConfig, calibrate_end_to_end
+        from ..quant.e2e import E2EConfig, calibrate_end_to_end, choose_transforms
 
         lm, calib, scheme = ctx.lm, ctx.calib, ctx.scheme
         objective = self.make_objective(args, lm, calib, ctx.device)
         cfg = E2EConfig(scheme=scheme, steps=args.steps, batch_size=args.batch_size, lr_rotation=args.lr_rotation,
-                        lr_smoothing=args.lr_smoothing, lr_lwc=args.lr_lwc, rotation=not args.no_rotation,
-                        online_hadamard=False, smoothing=not args.no_smoothing, smooth_alpha=args.smooth_alpha,
+                        lr_smoothing=args.lr_smoothing, lr_lwc=args.lr_lwc, rotation=args.rotation != "off",
+                        online_hadamard=False, smoothing=args.smoothing != "off", smooth_alpha=args.smooth_alpha,
                         lwc=not args.no_lwc, save_every=args.save_every, seed=args.seed, device=str(ctx.device))
         notes = self._notes(args, scheme)
         for n in notes:
@@ -311,6 +318,17 @@ class AAQCommand(QuantizeCommand):
         with phase_peak() as ref_mem:
             refs, ref_info = self._references(args, ctx, objective.references)
         ref_s = time.time() - t_ref
+        init_search = None
+        if "auto" in (args.rotation, args.smoothing):
+            t_init = time.time()
+            cfg, init_search = choose_transforms(lm.model, calib, objective, refs, cfg, **{
+                k: (False, True) if getattr(args, k) == "auto" else (getattr(args, k) == "on",)
+                for k in ("rotation", "smoothing")})
+            log.info("transform search (initial KL to the instruct model, first batch): %s -> rotation %s, "
+                     "smoothing %s (%.1f s)", ", ".join(
+                         f"rot {'on' if r['rotation'] else 'off'}/smooth {'on' if r['smoothing'] else 'off'} "
+                         f"{r['initial_kl']:.4g}" for r in init_search),
+                     "on" if cfg.rotation else "off", "on" if cfg.smoothing else "off", time.time() - t_init)
         t_train = time.time()
         with phase_peak() as train_mem:
             res = calibrate_end_to_end(lm.model, calib, objective, refs, cfg, work_dir=ctx.work, resume=args.resume,
@@ -346,6 +364,7 @@ class AAQCommand(QuantizeCommand):
         record = {
             "references": ref_info,
             "phases": phases,
+            "transform_search": init_search,
             "loss": {"start": res.loss_start, "end": res.loss_end,
                      "terms_start": _terms(res.terms_start), "terms_end": _terms(res.terms_end),
                      "measured_on": "the first training batch, before the first step and after the last",

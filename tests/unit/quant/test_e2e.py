@@ -155,3 +155,24 @@ def test_input_errors(calib, refs):
         _cfg(smooth_pairs=("attn_in", "up_down"))
     with pytest.raises(UnknownNameError, match="unknown quantization scheme"):
         _cfg("w3a3")
+
+
+def test_transform_search_picks_the_lowest_initial_kl_and_leaves_the_model(calib, refs):
+    from safeptq.quant.e2e import choose_transforms, initial_kl
+
+    model = sharp_llama(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    objective = ContrastiveKLTop(k=64, push="bounded", tail=True)
+    best, table = choose_transforms(model, calib, objective, refs, _cfg("w4a8"))
+    assert [(r["rotation"], r["smoothing"]) for r in table] == [(False, False), (False, True), (True, False),
+                                                                 (True, True)]
+    low = min(table, key=lambda r: r["initial_kl"])
+    assert (best.rotation, best.smoothing) == (low["rotation"], low["smoothing"])
+    assert len({round(r["initial_kl"], 6) for r in table}) == 4  # the transforms do change the start
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # searched on copies
+    # a fixed dimension is not searched; the value is the pull term, whatever the objective
+    _, only = choose_transforms(model, calib, KLTop(k=64, tail=True), refs, _cfg("w4a8"), rotation=(True,))
+    assert [(r["rotation"], r["smoothing"]) for r in only] == [(True, False), (True, True)]
+    assert only[1]["initial_kl"] == pytest.approx(table[3]["initial_kl"], rel=1e-5)
+    assert initial_kl(model, calib, objective, refs, _cfg("w4a8", rotation=True, smoothing=True)) == \
+        pytest.approx(table[3]["initial_kl"], rel=1e-6)
