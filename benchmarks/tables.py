@@ -36,7 +36,7 @@ def aaq_table(paths: list[str]) -> None:
     docs = [(p, d) for p, d in docs if d is not None]
     fp = next((d for _, d in docs if d["recipe"]["method"] == "fp"), None)
     fp_ppl = ((fp or {}).get("eval") or {}).get("wikitext2", {}).get("perplexity")
-    head = ["run", "method", "scheme", "λ", "advbench:eval harmful", "alpaca:eval over-refusal", "WikiText-2 ppl",
+    head = ["run", "method", "scheme", "transforms", "λ", "advbench:eval harmful", "alpaca:eval over-refusal", "WikiText-2 ppl",
             "ppl / FP", "training s", "peak RSS MiB (training)"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -52,7 +52,11 @@ def aaq_table(paths: list[str]) -> None:
         train = (d.get("phases") or {}).get("training") or d.get("calibration") or {}
         t = train.get("wall_time_s", d.get("quantize_time_s"))
         rss = train.get("peak_rss_mb")
-        print("| " + " | ".join([p.name.removesuffix(".json"), method, scheme, lam, _cell(ev.get("advbench:eval")),
+        tf = rec.get("transforms") or {}
+        tf = " + ".join(k for k in ("rotation", "smoothing", "lwc") if tf.get(k)) or "—"
+        if rec.get("weights", "").startswith("llm-compressor"):
+            tf += ", GPTQ weights"
+        print("| " + " | ".join([p.name.removesuffix(".json"), method, scheme, tf, lam, _cell(ev.get("advbench:eval")),
                                  _cell(ev.get("alpaca:eval")), _cell(ev.get("wikitext2")), ratio,
                                  "—" if t is None else f"{t:.0f}", "—" if not rss else f"{rss:.0f}"]) + " |")
 

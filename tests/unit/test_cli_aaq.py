@@ -179,7 +179,7 @@ def test_gptq_weights_after_training_export_and_reload(models, prompts, home, tm
     doc = _doc(out)
     assert doc["calibration"]["method"] == "aaq+llmcompressor:gptq" and doc["recipe"]["weights"].startswith("llm")
     assert doc["export"]["format"] == "int-quantized" and doc["verify"]["weights_only_max_rel_err"] < 1e-3
-    assert set(doc["phases"]) == {"references", "training", "gptq"} and doc["calibration"]["fold_rel_err"] <= 1e-4
+    assert set(doc["phases"]) == {"references", "transform_search", "training", "gptq"} and doc["calibration"]["fold_rel_err"] <= 1e-4
     assert not (tmp_path / "gptq.work").exists()
     # KV-cache schemes have no llm-compressor recipe: refused before any work
     _one_line_error(capsys, ["--model", models["instruct"], "--objective", "kl_top", "--scheme", "w4a4kv4",

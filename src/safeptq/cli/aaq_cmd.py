@@ -318,12 +318,15 @@ class AAQCommand(QuantizeCommand):
         with phase_peak() as ref_mem:
             refs, ref_info = self._references(args, ctx, objective.references)
         ref_s = time.time() - t_ref
-        init_search = None
+        init_search, search_phase = None, {}
         if "auto" in (args.rotation, args.smoothing):
             t_init = time.time()
-            cfg, init_search = choose_transforms(lm.model, calib, objective, refs, cfg, **{
-                k: (False, True) if getattr(args, k) == "auto" else (getattr(args, k) == "on",)
-                for k in ("rotation", "smoothing")})
+            with phase_peak() as search_mem:
+                cfg, init_search = choose_transforms(lm.model, calib, objective, refs, cfg, **{
+                    k: (False, True) if getattr(args, k) == "auto" else (getattr(args, k) == "on",)
+                    for k in ("rotation", "smoothing")})
+            search_phase = {"transform_search": {"wall_time_s": round(time.time() - t_init, 2),
+                                                 **search_mem.as_dict()}}
             log.info("transform search (initial KL to the instruct model, first batch): %s -> rotation %s, "
                      "smoothing %s (%.1f s)", ", ".join(
                          f"rot {'on' if r['rotation'] else 'off'}/smooth {'on' if r['smoothing'] else 'off'} "
@@ -335,7 +338,7 @@ class AAQCommand(QuantizeCommand):
                                        progress=not args.no_progress, finalize=args.weights == "rtn")
         train_s = time.time() - t_train
         del refs  # live reference models go now
-        phases = {"references": {"wall_time_s": round(ref_s, 2), **ref_mem.as_dict()},
+        phases = {"references": {"wall_time_s": round(ref_s, 2), **ref_mem.as_dict()}, **search_phase,
                   "training": {"wall_time_s": round(train_s, 2), **train_mem.as_dict()}}
 
         model, method = lm.model, "aaq"
