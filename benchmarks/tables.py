@@ -37,7 +37,7 @@ def aaq_table(paths: list[str]) -> None:
     fp = next((d for _, d in docs if d["recipe"]["method"] == "fp"), None)
     fp_ppl = ((fp or {}).get("eval") or {}).get("wikitext2", {}).get("perplexity")
     head = ["run", "method", "scheme", "transforms", "λ", "advbench:eval harmful", "alpaca:eval over-refusal", "WikiText-2 ppl",
-            "ppl / FP", "training s", "peak RSS MiB (training)"]
+            "ppl / FP", "calibration s", "peak RSS MiB (calibration)"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for p, d in docs:
