@@ -90,10 +90,12 @@ class AAQCommand(QuantizeCommand):
                    "smoothing scales and weight clipping jointly, end to end, so that the quantized model's "
                    "next-token distribution stays close to the instruct model (--model, full precision) and "
                    "moves away from the pre-trained --base model: KL_topK(instruct ‖ q) − λ·push(base ‖ q) "
-                   "over every calibration token of plain text (WikiText-2 windows by default; no safety data). "
-                   "The references' top-K log-probabilities are computed once and cached, so training holds "
-                   "only the model being quantized. Weights are then rounded to nearest with the learned clipping "
-                   "(no GPTQ); activations are quantized per token, the KV cache where the scheme says. "
+                   "over every calibration token of plain text (WikiText-2 windows from the second half of the "
+                   "test text by default; no safety data). Rotation and smoothing are kept or dropped by their "
+                   "initial KL (--rotation/--smoothing auto). The references' top-K log-probabilities are "
+                   "computed once and cached, so training holds only the model being quantized. Weights are then "
+                   "rounded to nearest with the learned clipping (or by GPTQ, --weights gptq); activations are "
+                   "quantized per token, the KV cache where the scheme says. "
                    "--objective kl_top is the reconstruction-only baseline on the same pipeline (no base "
                    "model). Exports like `safeptq quantize` and writes aaq.json.")
     epilog = """examples:
