@@ -29,7 +29,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .quantize_cmd import Calibrated, QuantizeCommand, RunContext
+from .quantize_cmd import Calibrated, QuantizeCommand, RunContext, check_size_and_eval_args
 
 __all__ = ["AAQCommand", "OBJECTIVES", "reference_model_id"]
 
@@ -232,14 +232,7 @@ class AAQCommand(QuantizeCommand):
     def _check_args(args) -> None:
         from ..errors import ConfigError
 
-        for flag, v, low in (("--nsamples", args.nsamples, 1), ("--seqlen", args.seqlen, 2),
-                             ("--batch-size", args.batch_size, 1)):
-            if v < low:
-                raise ConfigError(f"{flag} must be at least {low}, got {v}")
-        if args.eval_limit is not None and args.eval_limit <= 0:
-            raise ConfigError(f"--eval-limit must be positive, got {args.eval_limit}")
-        if args.ppl_windows is not None and args.ppl_windows <= 0:
-            raise ConfigError(f"--ppl-windows must be positive, got {args.ppl_windows}")
+        check_size_and_eval_args(args)
         for flag, v in (("--lr-rotation", args.lr_rotation), ("--lr-smoothing", args.lr_smoothing),
                         ("--lr-lwc", args.lr_lwc)):
             if not (math.isfinite(v) and v > 0):
@@ -394,7 +387,7 @@ class AAQCommand(QuantizeCommand):
         for layer in decoder_parts(model)[1]:
             unwrap_decoder_layer(layer, fold=True)  # quantizers off: the folded full-precision weights
         folded = save_model(model, tok, ctx.work / FOLDED)
-        ids = [row[: int(m.sum())] for row, m in zip(calib.input_ids, calib.attention_mask)]
+        ids = calib.token_lists()
         # the folder stays until the export (llm-compressor reads it again when saving); see _remove_work_dir
         return run_llmcompressor(str(folded), tok, "gptq", ctx.scheme, ids, nsamples=len(ids),
                                  seqlen=int(calib.input_ids.shape[1]))
@@ -406,11 +399,13 @@ class AAQCommand(QuantizeCommand):
 
     @staticmethod
     def _notes(args, scheme) -> list[str]:
+        from ..data.calib import parse_calib_spec
+
         notes = []
         if scheme.kv_cache is not None:
             notes.append("KV cache: K is quantized at the k_proj output, before RoPE (an approximation of a runtime "
                          "that quantizes the rotated K), V exactly; the dense export does not store it")
-        calib = {c.split("=")[0].strip() for c in args.calib.split(",")}
+        calib = {name for name, _ in parse_calib_spec(args.calib)}
         if args.eval and "wikitext2" in calib and "wikitext2" in [s.strip() for s in args.eval.split(",")]:
             notes.append("calibration and the wikitext2 evaluation read the same WikiText-2 test text, so the "
                          "perplexity is optimistic (the default calibration, wikitext2:calib, avoids that)")

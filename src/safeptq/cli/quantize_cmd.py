@@ -24,7 +24,8 @@ from typing import Any
 
 from .base import Command, add_data_options, print_table, write_json_atomic
 
-__all__ = ["QuantizeCommand", "RunContext", "Calibrated", "RUN_FILE", "parse_epochs", "calib_is_text"]
+__all__ = ["QuantizeCommand", "RunContext", "Calibrated", "RUN_FILE", "parse_epochs", "calib_is_text",
+           "check_size_and_eval_args"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,20 @@ def calib_is_text(spec: str) -> bool:
     except SafePTQError:
         return False
     return all(name in REGISTRY and REGISTRY[name].kind == "text" for name in names)
+
+
+def check_size_and_eval_args(args) -> None:
+    """The calibration size and evaluation options every quantizing command shares."""
+    from ..errors import ConfigError
+
+    for flag, v, low in (("--nsamples", args.nsamples, 1), ("--seqlen", args.seqlen, 2),
+                         ("--batch-size", args.batch_size, 1)):
+        if v < low:
+            raise ConfigError(f"{flag} must be at least {low}, got {v}")
+    if args.eval_limit is not None and args.eval_limit <= 0:
+        raise ConfigError(f"--eval-limit must be positive, got {args.eval_limit}")
+    if args.ppl_windows is not None and args.ppl_windows <= 0:
+        raise ConfigError(f"--ppl-windows must be positive, got {args.ppl_windows}")
 
 
 @dataclass
@@ -263,14 +278,7 @@ class QuantizeCommand(Command):
 
         if args.method not in METHODS:
             raise UnknownNameError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
-        for flag, v, low in (("--nsamples", args.nsamples, 1), ("--seqlen", args.seqlen, 2),
-                             ("--batch-size", args.batch_size, 1)):
-            if v < low:
-                raise ConfigError(f"{flag} must be at least {low}, got {v}")
-        if args.eval_limit is not None and args.eval_limit <= 0:
-            raise ConfigError(f"--eval-limit must be positive, got {args.eval_limit}")
-        if args.ppl_windows is not None and args.ppl_windows <= 0:
-            raise ConfigError(f"--ppl-windows must be positive, got {args.ppl_windows}")
+        check_size_and_eval_args(args)
         for flag, v in (("--lr-lwc", args.lr_lwc), ("--lr-let", args.lr_let), ("--lr-norm", args.lr_norm)):
             if not v > 0:
                 raise ConfigError(f"{flag} must be positive, got {v}")

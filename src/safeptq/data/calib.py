@@ -34,6 +34,10 @@ class CalibSet:
     last_idx: torch.Tensor
     sources: list[str]
 
+    def token_lists(self) -> list[torch.Tensor]:
+        """Each sample's tokens without its padding (what llm-compressor's calibration takes)."""
+        return [row[: int(m.sum())] for row, m in zip(self.input_ids, self.attention_mask)]
+
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 

@@ -49,7 +49,7 @@ def run_method(method: str, model: nn.Module, tokenizer, scheme: Scheme, calib: 
         return model, {"method": method, "qparams": res.qparams, **res.summary(), "objective": objective.describe()}
     from safeptq.baselines.llmcompressor import run_llmcompressor
 
-    ids = [row[: int(m.sum())] for row, m in zip(calib.input_ids, calib.attention_mask)]
+    ids = calib.token_lists()
     model = run_llmcompressor(model, tokenizer, method, scheme, ids, nsamples=len(ids),
                               seqlen=int(calib.input_ids.shape[1]))
     rss, acc = peak_memory_mb()
