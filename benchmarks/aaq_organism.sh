@@ -6,7 +6,8 @@
 # Results: runs/bench/aaq/*/{aaq,quantize}.json and fp-aligned.json; table: benchmarks/tables.py aaq.
 # Usage: bash benchmarks/aaq_organism.sh [RUN...]
 #   RUN: fp-aligned | rtn-SCHEME | gptq-SCHEME | kltop-SCHEME | aaq-SCHEME[-lLAMBDA] | aaqu-SCHEME[-lLAMBDA]
-#   | aaqg-SCHEME[-lLAMBDA] (aaqu: the authors' unbounded push; aaqg: GPTQ weights after training),
+#   | aaqg-SCHEME[-lLAMBDA] | kltopg-SCHEME (aaqu: the authors' unbounded push; aaqg/kltopg: GPTQ weights
+#   after training),
 #   SCHEME: w4a16 w4a8 w4a4 w4a4kv4 (w4a16 is group 64);
 #   memory runs (5 steps, no evaluation): mem-kltop, mem-aaq (cached references), mem-live (live references)
 set -euo pipefail
@@ -36,6 +37,7 @@ for r in "${runs[@]}"; do
     rtn-*)   $S quantize --model "$ALI" --method rtn --scheme "$scheme" "${gs[@]}" "${ev[@]}" --out "$d" ;;
     gptq-*)  $S quantize --model "$ALI" --method gptq --scheme "$scheme" "${gs[@]}" --calib wikitext2:calib \
                --nsamples 128 --seqlen 128 "${ev[@]}" --out "$d" ;;
+    kltopg-*) $S aaq --model "$ALI" --objective kl_top --weights gptq --scheme "$scheme" "${gs[@]}" $AAQ_ARGS --resume "${ev[@]}" --out "$d" ;;
     kltop-*) $S aaq --model "$ALI" --objective kl_top --scheme "$scheme" "${gs[@]}" $AAQ_ARGS --resume "${ev[@]}" --out "$d" ;;
     aaq-*)   $S aaq --model "$ALI" --base "$BASE" --lam "$lam" --scheme "$scheme" "${gs[@]}" $AAQ_ARGS --resume "${ev[@]}" --out "$d" ;;
     aaqg-*)  $S aaq --model "$ALI" --base "$BASE" --lam "$lam" --weights gptq --scheme "$scheme" "${gs[@]}" $AAQ_ARGS --resume "${ev[@]}" --out "$d" ;;

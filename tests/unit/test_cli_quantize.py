@@ -133,12 +133,15 @@ def test_failed_export_leaves_no_run_and_resume_continues(tiny_model_dir, tmp_pa
 
 def test_dense_scheme_with_eval(tiny_model_dir, tmp_path, capsys, shared_data):
     out = tmp_path / "w4a4"
-    printed = _ok(capsys, "--model", tiny_model_dir, "--method", "rtn", "--scheme", "w4a4", "--eval", "wikitext2",
-                  "--eval-limit", 1, "--data-dir", shared_data, "--out", out)
+    printed = _ok(capsys, "--model", tiny_model_dir, "--method", "rtn", "--scheme", "w4a4",
+                  "--eval", "wikitext2,advbench:eval", "--eval-limit", 1, "--data-dir", shared_data, "--out", out)
     assert "perplexity" in printed and "not a serving format" in printed
     doc = json.loads((out / RUN_FILE).read_text())
     assert doc["export"]["format"] == "dense" and doc["export"]["bits_per_weight"] == 32.0
     assert doc["eval"]["wikitext2"]["windows"] == 1 and doc["eval"]["wikitext2"]["perplexity"] > 1
+    assert doc["eval"]["advbench:eval"]["n"] == 1 and "samples" not in doc["eval"]["advbench:eval"]
+    samples = [json.loads(x) for x in (out / "eval.samples.jsonl").read_text().splitlines()]  # for `safeptq compare`
+    assert [s["suite"] for s in samples] == ["advbench:eval"] and isinstance(samples[0]["refused"], bool)
 
 
 # -- errors: one line, exit 2, nothing written ------------------------------------------------------------

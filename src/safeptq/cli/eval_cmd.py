@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -72,6 +71,7 @@ class EvalCommand(Command):
     def run(self, args: argparse.Namespace) -> int:
         from ..errors import ConfigError
         from ..eval import EvalConfig, evaluate, make_generator, parse_suites
+        from ..eval.samples import write_samples
         from ..models import load_model, require_chat_template
 
         suites = parse_suites(args.suite)
@@ -104,10 +104,7 @@ class EvalCommand(Command):
         if args.out:
             out = write_json_atomic(args.out, doc)
             if samples:
-                with open(Path(str(out)).with_suffix(".samples.jsonl"), "w") as f:
-                    for suite, items in samples.items():
-                        for it in items:
-                            f.write(json.dumps({"suite": suite, **it}) + "\n")
+                write_samples(Path(str(out)).with_suffix(".samples.jsonl"), samples)
             print(f"results written to {out}")
         return 0
 

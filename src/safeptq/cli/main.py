@@ -8,12 +8,13 @@ import sys
 
 from .. import __version__
 from .base import Command
+from .compare_cmd import CompareCommand
 from .eval_cmd import EvalCommand
 from .ls_cmd import LsCommand
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
-COMMANDS: list[Command] = [EvalCommand(), LsCommand()]
+COMMANDS: list[Command] = [EvalCommand(), CompareCommand(), LsCommand()]
 
 
 def _optional_commands() -> list[Command]:

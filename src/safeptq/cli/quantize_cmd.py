@@ -461,7 +461,12 @@ class QuantizeCommand(Command):
             record[k] = {**record.get(k, {}), **v} if isinstance(v, dict) and isinstance(record.get(k), dict) else v
         results = None
         if ctx.suites:
+            from ..eval.samples import SAMPLES_FILE, write_samples
+
             results = self._evaluate(model, tok, ctx.suites, args, device)
+            samples = {k: v.pop("samples") for k, v in results.items() if v.get("samples")}
+            if samples:  # per-prompt verdicts, for `safeptq compare`
+                write_samples(out / SAMPLES_FILE, samples)
 
         rss, acc = peak_memory_mb()
         info = json.loads((out / SIDE_FILE).read_text())
@@ -517,7 +522,7 @@ class QuantizeCommand(Command):
         model.to(device)
         cfg = EvalConfig(limit=args.eval_limit, data_dir=args.data_dir, progress=not args.no_progress,
                          ppl_windows=getattr(args, "ppl_windows", None),
-                         use_chat_template=bool(getattr(tok, "chat_template", None)), keep_samples=False)
+                         use_chat_template=bool(getattr(tok, "chat_template", None)))
         res = evaluate(model, tok, suites, cfg)
         model.to("cpu")
         return res
