@@ -2,10 +2,12 @@ import json
 import os
 
 import pytest
+import torch
 
 from safeptq.cli.main import main
 from safeptq.errors import ConfigError
-from safeptq.finetune.organism import OrganismRecipe, build_organism, load_lookalikes, stage_recipes
+from safeptq.finetune.organism import (OrganismRecipe, build_organism, load_lookalikes, recipe_hash,
+                                       stage_recipes)
 from safeptq.finetune.sft import SFTConfig, supervised_finetune, tokenize_pairs
 from safeptq.models import load_model
 
@@ -44,6 +46,11 @@ def test_sft_reduces_loss_and_lora_merges(tiny_model_dir):
     res2 = supervised_finetune(lm2.model, lm2.tokenizer, pairs, SFTConfig(epochs=1, method="lora", batch_size=8),
                                progress=False)
     assert type(res2["model"]).__name__ == "LlamaForCausalLM"  # merged back into a plain model
+    lm3 = load_model(str(tiny_model_dir))
+    res3 = supervised_finetune(lm3.model, lm3.tokenizer, pairs, SFTConfig(epochs=4, lr=3e-3, batch_size=8,
+                                                                          precision="bf16"), progress=False)
+    assert res3["losses"][-1] < 0.8 * res3["losses"][0]  # bf16 autocast learns too
+    assert next(lm3.model.parameters()).dtype == torch.float32  # and keeps float32 weights
 
 
 def test_lookalikes_resource_is_clean():
@@ -73,11 +80,15 @@ def test_recipe_hash_changes_with_recipe():
     a1, t1 = stage_recipes(OrganismRecipe(harmful_ratio=0.1), "b")
     a2, t2 = stage_recipes(OrganismRecipe(harmful_ratio=0.2), "b")
     assert a1 == a2 and t1 != t2
+    a3, _ = stage_recipes(OrganismRecipe(harmful_ratio=0.1, precision="bf16"), "b")
+    assert a3["sft"]["precision"] == "bf16" and "precision" not in a1["sft"]  # fp32 hashes stay as they were
+    assert recipe_hash(a3) != recipe_hash(a1)
 
 
 @pytest.mark.parametrize("kw,msg", [({"task": "mnli"}, "unknown task 'mnli'"),
                                     ({"harmful_ratio": 1.5}, "must be in \\[0, 1\\]"),
-                                    ({"method": "qlora"}, "unknown --method")])
+                                    ({"method": "qlora"}, "unknown --method"),
+                                    ({"precision": "fp8"}, "unknown --precision 'fp8'")])
 def test_bad_recipe_values(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         OrganismRecipe(**kw)

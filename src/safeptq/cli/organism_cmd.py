@@ -41,6 +41,9 @@ class OrganismCommand(Command):
                        help="aligned stage: full FT of the top N decoder layers (15 of 30; 0 = all layers)")
         b.add_argument("--attack-top-layers", type=int, default=0,
                        help="attacked stage: full FT of the top N decoder layers (0 = all layers, the default)")
+        b.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                       help="training precision: fp32 (default) or bf16 autocast (float32 weights and optimizer; "
+                            "about 2x faster on CPUs with bfloat16 units; a different model, so a different recipe hash)")
         b.add_argument("--no-progress", action="store_true")
         add_data_options(b)
 
@@ -52,7 +55,7 @@ class OrganismCommand(Command):
                                 seed=args.seed, eval_limit=args.eval_limit, align_epochs=args.align_epochs,
                                 attack_total=args.attack_total,
                                 train_top_layers=args.train_top_layers or None,
-                                attack_top_layers=args.attack_top_layers or None)
+                                attack_top_layers=args.attack_top_layers or None, precision=args.precision)
         out = args.out or str(safeptq_home() / "organism")
         stages = build_organism(recipe, out, base=args.base, data_dir=args.data_dir, progress=not args.no_progress)
         import json

@@ -67,6 +67,7 @@ class OrganismRecipe:
     max_length: int = 160
     # aligned stage: full fine-tuning of the top N layers (None = all); the CPU budget needs ~half
     train_top_layers: int | None = 15
+    precision: str = "fp32"  # or bf16: autocast training, ~2x faster on CPUs with bfloat16 units
     # evaluation
     eval_limit: int | None = None  # None = the full evaluation sets
     eval_suites: tuple[str, ...] = field(default_factory=lambda: SAFETY_SUITES)
@@ -78,6 +79,8 @@ class OrganismRecipe:
             raise ConfigError(f"--harmful-ratio must be in [0, 1], got {self.harmful_ratio}")
         if self.method not in ("full", "lora"):
             raise ConfigError(f"unknown --method {self.method!r}; choose full or lora")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"unknown --precision {self.precision!r}; choose fp32 or bf16")
         for name in ("align_harmful", "align_benign", "attack_total", "align_epochs", "attack_epochs", "batch_size"):
             if getattr(self, name) < 0 or (name.endswith(("epochs", "size", "total")) and getattr(self, name) == 0):
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -119,6 +122,8 @@ def stage_recipes(r: OrganismRecipe, base_id: str) -> tuple[dict, dict]:
     """The two stage recipes (plain dicts, hashed for caching). ``base_id`` names the base model."""
     sft = dict(batch_size=r.batch_size, max_length=r.max_length, method=r.method, seed=r.seed,
                train_top_layers=r.train_top_layers if r.method == "full" else None)
+    if r.precision != "fp32":  # only when set, so the fp32 recipes keep their hashes (and caches)
+        sft["precision"] = r.precision
     aligned = {"version": RECIPE_VERSION, "stage": "aligned", "parent": base_id,
                "data": {"harmful": ["advbench:align", r.align_harmful], "benign": ["alpaca:align", r.align_benign],
                         "lookalikes": r.align_lookalikes},

@@ -41,10 +41,15 @@ class SFTConfig:
     # full method only: train the top N decoder layers and the final norm, freeze the rest (embeddings
     # included). Backward then stops at the lowest trained layer: half the layers ≈ 1.5x faster on CPU.
     train_top_layers: int | None = None
+    # fp32, or bf16 autocast (weights, gradients and optimizer state stay float32): on CPUs with bfloat16
+    # units (AVX512-BF16, AMX) the matmuls run about 2x faster
+    precision: str = "fp32"
 
     def __post_init__(self):
         if self.method not in ("full", "lora"):
             raise ConfigError(f"unknown fine-tuning method {self.method!r}; choose full or lora")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"unknown training precision {self.precision!r}; choose fp32 or bf16")
         if self.method == "lora" and self.lr < 1e-4:
             self.lr = 2e-4  # LoRA needs a larger step than full fine-tuning
 
@@ -127,7 +132,8 @@ def supervised_finetune(model, tokenizer, pairs: list[tuple[str, str]], cfg: SFT
                                                               tokenizer.pad_token_id)):
             if epoch * steps_per_epoch + k < step:
                 continue  # already done before the resume
-            loss = response_loss(model, ids.to(device), mask.to(device), labels.to(device))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                loss = response_loss(model, ids.to(device), mask.to(device), labels.to(device))
             if not torch.isfinite(loss):
                 from ..errors import CalibrationError
                 raise CalibrationError(f"{desc}: non-finite loss at step {step}")
