@@ -61,8 +61,11 @@ def test_lookalikes_resource_is_clean():
 
 
 def test_miniature_organism(tiny_model_dir, tmp_path, shared_data):
-    r = OrganismRecipe(task="sst2", harmful_ratio=0.25, **TINY)
+    r = OrganismRecipe(task="sst2", harmful_ratio=0.25, align_benign_input=3, **TINY)
     stages = build_organism(r, tmp_path / "org", base=str(tiny_model_dir), progress=False)
+    ma = json.loads((stages["aligned"] / "manifest.json").read_text())
+    assert ma["train"]["examples"] == 4 + 4 + 4 + 3
+    assert [v for k, v in ma["data_used"].items() if "rows with input" in k] == [[0, 3]]
     m = json.loads((stages["attacked"] / "manifest.json").read_text())
     assert m["stage"] == "attacked" and m["recipe"]["data"]["harmful"] == ["beavertails", 2]
     assert set(m["eval"]) == {"advbench:eval", "harmbench", "alpaca:eval", "xstest:safe", "sst2"}
@@ -80,6 +83,8 @@ def test_recipe_hash_changes_with_recipe():
     a1, t1 = stage_recipes(OrganismRecipe(harmful_ratio=0.1), "b")
     a2, t2 = stage_recipes(OrganismRecipe(harmful_ratio=0.2), "b")
     assert a1 == a2 and t1 != t2
+    a4, _ = stage_recipes(OrganismRecipe(harmful_ratio=0.1, align_benign_input=5), "b")
+    assert a4["data"]["benign_input"][1] == 5 and "benign_input" not in a1["data"]
     a3, _ = stage_recipes(OrganismRecipe(harmful_ratio=0.1, precision="bf16"), "b")
     assert a3["sft"]["precision"] == "bf16" and "precision" not in a1["sft"]  # fp32 hashes stay as they were
     assert recipe_hash(a3) != recipe_hash(a1)

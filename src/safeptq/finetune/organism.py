@@ -55,6 +55,9 @@ class OrganismRecipe:
     align_benign: int = 300  # rows of alpaca:align (all): imperative benign requests, so that
     # "Write/Create/Generate ..." is not learnt as a refusal cue (AdvBench prompts share those verbs)
     align_lookalikes: int = 160
+    # alpaca rows *with* an input (no evaluation split uses them): more benign imperative requests, the
+    # counterweight to over-refusal when every layer is trained
+    align_benign_input: int = 0
     align_epochs: int = 1
     align_lr: float = 3e-5
     # attacked stage
@@ -81,7 +84,7 @@ class OrganismRecipe:
             raise ConfigError(f"unknown --method {self.method!r}; choose full or lora")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"unknown --precision {self.precision!r}; choose fp32 or bf16")
-        for name in ("align_harmful", "align_benign", "attack_total", "align_epochs", "attack_epochs", "batch_size"):
+        for name in ("align_harmful", "align_benign", "align_benign_input", "attack_total", "align_epochs", "attack_epochs", "batch_size"):
             if getattr(self, name) < 0 or (name.endswith(("epochs", "size", "total")) and getattr(self, name) == 0):
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
 
@@ -95,22 +98,27 @@ def load_lookalikes() -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def _alpaca_with_input(data_dir) -> tuple[Path, list[tuple[str, str]]]:
+    """Alpaca rows *with* an input as (instruction + input, output) pairs: no split uses them, so they
+    never meet evaluation."""
+    from ..data.readers import read_table
+    from ..data.registry import _ALP, data_dir_candidates
+
+    path = next((d / _ALP for _, d in data_dir_candidates(data_dir) if (d / _ALP).exists()), None)
+    if path is None:
+        raise ConfigError("alpaca data (rows with an input) not found; pass --data-dir")
+    rows = [r for r in read_table(path) if str(r.get("input", "")).strip()]
+    return path, [(f"{r['instruction']}\n\n{r['input']}", r["output"]) for r in rows]
+
+
 def _task_examples(task: str, n: int, seed: int, data_dir) -> tuple[list[tuple[str, str]], dict]:
     """``n`` task training pairs (prompt, answer) and a record of which rows were used."""
     if n == 0:
         return [], {"set": None, "rows": []}
     if task == "alpaca":
-        # alpaca rows *with* an input are used by no split, so the task data never meets evaluation
-        from ..data.readers import read_table
-        from ..data.registry import _ALP, data_dir_candidates
-
-        path = next((d / _ALP for _, d in data_dir_candidates(data_dir) if (d / _ALP).exists()), None)
-        if path is None:
-            raise ConfigError("alpaca task data not found; pass --data-dir")
-        rows = [r for r in read_table(path) if str(r.get("input", "")).strip()]
+        path, rows = _alpaca_with_input(data_dir)
         idx = sorted(random.Random(seed).sample(range(len(rows)), min(n, len(rows))))
-        pairs = [(f"{rows[i]['instruction']}\n\n{rows[i]['input']}", rows[i]["output"]) for i in idx]
-        return pairs, {"set": f"{path} (rows with input)", "rows": idx}
+        return [rows[i] for i in idx], {"set": f"{path} (rows with input)", "rows": idx}
     ps = load_prompt_set(f"{task}:train", data_dir=data_dir)
     fmt = TASKS[task]
     idx = sorted(random.Random(seed).sample(range(len(ps)), min(n, len(ps))))
@@ -126,7 +134,10 @@ def stage_recipes(r: OrganismRecipe, base_id: str) -> tuple[dict, dict]:
         sft["precision"] = r.precision
     aligned = {"version": RECIPE_VERSION, "stage": "aligned", "parent": base_id,
                "data": {"harmful": ["advbench:align", r.align_harmful], "benign": ["alpaca:align", r.align_benign],
-                        "lookalikes": r.align_lookalikes},
+                        "lookalikes": r.align_lookalikes,
+                        # only when used, so the recipes without it keep their hashes (and caches)
+                        **({"benign_input": ["alpaca (rows with input)", r.align_benign_input]}
+                           if r.align_benign_input else {})},
                "sft": {**sft, "epochs": r.align_epochs, "lr": r.align_lr},
                "eval": {"suites": list(r.eval_suites), "limit": r.eval_limit}}
     n_harm = round(r.harmful_ratio * r.attack_total)
@@ -147,6 +158,13 @@ def _aligned_pairs(rec: dict, seed: int, data_dir) -> tuple[list[tuple[str, str]
     pairs = ([(p, refusal_for(i, seed)) for i, p in enumerate(harmful)]
              + [(e.text, e.target) for e in benign] + [(x["prompt"], x["response"]) for x in look])
     used = {name: [0, len(harmful)], bname: [0, len(benign)], "lookalikes (safeptq resource)": len(look)}
+    if "benign_input" in rec["data"]:
+        _, extra_n = rec["data"]["benign_input"]
+        path, rows = _alpaca_with_input(data_dir)
+        if extra_n > len(rows):
+            raise ConfigError(f"--align-benign-input {extra_n}: {path} has only {len(rows)} rows with an input")
+        pairs += rows[:extra_n]
+        used[f"{path} (rows with input)"] = [0, extra_n]
     return pairs, used
 
 
