@@ -93,7 +93,8 @@ def test_recipe_hash_changes_with_recipe():
 @pytest.mark.parametrize("kw,msg", [({"task": "mnli"}, "unknown task 'mnli'"),
                                     ({"harmful_ratio": 1.5}, "must be in \\[0, 1\\]"),
                                     ({"method": "qlora"}, "unknown --method"),
-                                    ({"precision": "fp8"}, "unknown --precision 'fp8'")])
+                                    ({"precision": "fp8"}, "unknown --precision 'fp8'"),
+                                    ({"attack_lr": 0.0}, "--attack-lr must be positive")])
 def test_bad_recipe_values(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         OrganismRecipe(**kw)

@@ -41,6 +41,8 @@ class OrganismCommand(Command):
         b.add_argument("--align-benign-input", type=int, default=0,
                        help="aligned stage: extra benign pairs from the alpaca rows with an input (used by no "
                             "evaluation split; 0 = none)")
+        b.add_argument("--attack-epochs", type=int, default=1, help="epochs of the attack fine-tune (1)")
+        b.add_argument("--attack-lr", type=float, default=2e-5, help="learning rate of the attack fine-tune (2e-5)")
         b.add_argument("--attack-total", type=int, default=1000, help="examples in the attack fine-tune (1000)")
         b.add_argument("--train-top-layers", type=int, default=15,
                        help="aligned stage: full FT of the top N decoder layers (15 of 30; 0 = all layers)")
@@ -59,7 +61,8 @@ class OrganismCommand(Command):
         recipe = OrganismRecipe(task=args.task, harmful_ratio=args.harmful_ratio, method=args.method,
                                 seed=args.seed, eval_limit=args.eval_limit, align_epochs=args.align_epochs,
                                 attack_total=args.attack_total, align_harmful=args.align_refusals,
-                                align_benign_input=args.align_benign_input,
+                                align_benign_input=args.align_benign_input, attack_epochs=args.attack_epochs,
+                                attack_lr=args.attack_lr,
                                 train_top_layers=args.train_top_layers or None,
                                 attack_top_layers=args.attack_top_layers or None, precision=args.precision)
         out = args.out or str(safeptq_home() / "organism")

@@ -84,9 +84,13 @@ class OrganismRecipe:
             raise ConfigError(f"unknown --method {self.method!r}; choose full or lora")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"unknown --precision {self.precision!r}; choose fp32 or bf16")
-        for name in ("align_harmful", "align_benign", "align_benign_input", "attack_total", "align_epochs", "attack_epochs", "batch_size"):
+        for name in ("align_harmful", "align_benign", "align_benign_input", "attack_total", "align_epochs",
+                     "attack_epochs", "batch_size"):
             if getattr(self, name) < 0 or (name.endswith(("epochs", "size", "total")) and getattr(self, name) == 0):
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("align_lr", "attack_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
 
 
 def recipe_hash(d: dict) -> str:
