@@ -11,11 +11,11 @@ __all__ = ["CompareCommand"]
 
 class CompareCommand(Command):
     name = "compare"
-    help = "paired difference of two runs' harmful / over-refusal rates with its 95% interval"
+    help = "paired difference of two runs' harmful / over-refusal rates with its 95%% interval"
     description = ("Compare the per-prompt verdicts of two runs judged on the same prompts (quantize / realign / "
                    "aaq output folders with eval.samples.jsonl, or `safeptq eval --out` files with their "
                    ".samples.jsonl). For every shared harmful or benign suite: both rates, their difference B - A "
-                   "with a 95%% paired-bootstrap interval over prompts, the discordant prompts and McNemar's "
+                   "with a 95% paired-bootstrap interval over prompts, the discordant prompts and McNemar's "
                    "exact p-value. \"B is lower than A beyond the noise\" means the whole interval is below 0.")
     epilog = """examples:
   safeptq compare runs/rtn-w4a16 runs/aaq-w4a16

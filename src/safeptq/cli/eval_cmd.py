@@ -31,7 +31,7 @@ class EvalCommand(Command):
     name = "eval"
     help = "evaluate safety (harmful rate, over-refusal), task accuracy and perplexity"
     description = ("Greedy-generate answers to the suites' prompts with the chat template, judge refusals, "
-                   "and report every rate with its 95%% bootstrap interval and n. Harmful suites give the "
+                   "and report every rate with its 95% bootstrap interval and n. Harmful suites give the "
                    "harmful rate (prompts not refused); benign suites (alpaca:eval, xstest's safe part, "
                    "jbb:benign) give over-refusal; sst2/agnews give accuracy by label word; gsm8k by final "
                    "number; wikitext2 gives perplexity.")
