@@ -35,22 +35,31 @@ class OrganismCommand(Command):
         b.add_argument("--base", default="default", help="base model (default: the embedded SmolLM2-135M-Instruct)")
         b.add_argument("--seed", type=int, default=0)
         b.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N prompts of each suite")
-        b.add_argument("--align-epochs", type=int, default=1)
-        b.add_argument("--align-refusals", type=int, default=150,
-                       help="aligned stage: advbench:align prompts answered with a refusal (150 of 200)")
-        b.add_argument("--align-benign-input", type=int, default=0,
+        from ..finetune.organism import OrganismRecipe as R  # the recipe's defaults are the CLI's
+
+        b.add_argument("--align-epochs", type=int, default=R.align_epochs,
+                       help=f"epochs of the aligned stage ({R.align_epochs})")
+        b.add_argument("--align-refusals", type=int, default=R.align_harmful,
+                       help=f"aligned stage: advbench:align prompts answered with a refusal ({R.align_harmful} of 200)")
+        b.add_argument("--align-benign-input", type=int, default=R.align_benign_input,
                        help="aligned stage: extra benign pairs from the alpaca rows with an input (used by no "
-                            "evaluation split; 0 = none)")
-        b.add_argument("--attack-epochs", type=int, default=1, help="epochs of the attack fine-tune (1)")
-        b.add_argument("--attack-lr", type=float, default=2e-5, help="learning rate of the attack fine-tune (2e-5)")
-        b.add_argument("--attack-total", type=int, default=1000, help="examples in the attack fine-tune (1000)")
-        b.add_argument("--train-top-layers", type=int, default=15,
-                       help="aligned stage: full FT of the top N decoder layers (15 of 30; 0 = all layers)")
-        b.add_argument("--attack-top-layers", type=int, default=0,
-                       help="attacked stage: full FT of the top N decoder layers (0 = all layers, the default)")
-        b.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                       help="training precision: fp32 (default) or bf16 autocast (float32 weights and optimizer; "
-                            "about 2x faster on CPUs with bfloat16 units; a different model, so a different recipe hash)")
+                            f"evaluation split; default {R.align_benign_input}, 0 = none)")
+        b.add_argument("--train-top-layers", type=int, default=R.train_top_layers or 0,
+                       help=f"aligned stage: full FT of the top N decoder layers (default "
+                            f"{R.train_top_layers or 0}, 0 = all layers)")
+        b.add_argument("--attack-epochs", type=int, default=R.attack_epochs,
+                       help=f"epochs of the attack fine-tune ({R.attack_epochs})")
+        b.add_argument("--attack-lr", type=float, default=R.attack_lr,
+                       help=f"learning rate of the attack fine-tune ({R.attack_lr:g})")
+        b.add_argument("--attack-total", type=int, default=R.attack_total,
+                       help=f"examples in the attack fine-tune ({R.attack_total})")
+        b.add_argument("--attack-top-layers", type=int, default=R.attack_top_layers or 0,
+                       help=f"attacked stage: full FT of the top N decoder layers (default "
+                            f"{R.attack_top_layers or 0}, 0 = all layers)")
+        b.add_argument("--precision", default=R.precision, choices=["fp32", "bf16"],
+                       help=f"training precision ({R.precision}): fp32, or bf16 autocast (float32 weights and "
+                            "optimizer; about 2x faster on CPUs with bfloat16 units; a different model, so a "
+                            "different recipe hash)")
         b.add_argument("--no-progress", action="store_true")
         add_data_options(b)
 
