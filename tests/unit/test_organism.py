@@ -11,8 +11,8 @@ from safeptq.finetune.organism import (OrganismRecipe, build_organism, load_look
 from safeptq.finetune.sft import SFTConfig, supervised_finetune, tokenize_pairs
 from safeptq.models import load_model
 
-TINY = dict(train_top_layers=1, align_harmful=4, align_benign=4, align_lookalikes=4, attack_total=8, eval_limit=2, batch_size=4,
-            align_epochs=1)
+TINY = dict(train_top_layers=1, align_harmful=4, align_benign=4, align_lookalikes=4, align_benign_input=0,
+            attack_total=8, eval_limit=2, batch_size=4, align_epochs=1, attack_epochs=1)
 
 
 def test_loss_masks_prompt_tokens(tiny_model_dir):
@@ -61,7 +61,7 @@ def test_lookalikes_resource_is_clean():
 
 
 def test_miniature_organism(tiny_model_dir, tmp_path, shared_data):
-    r = OrganismRecipe(task="sst2", harmful_ratio=0.25, align_benign_input=3, **TINY)
+    r = OrganismRecipe(task="sst2", harmful_ratio=0.25, **{**TINY, "align_benign_input": 3})
     stages = build_organism(r, tmp_path / "org", base=str(tiny_model_dir), progress=False)
     ma = json.loads((stages["aligned"] / "manifest.json").read_text())
     assert ma["train"]["examples"] == 4 + 4 + 4 + 3
@@ -83,11 +83,15 @@ def test_recipe_hash_changes_with_recipe():
     a1, t1 = stage_recipes(OrganismRecipe(harmful_ratio=0.1), "b")
     a2, t2 = stage_recipes(OrganismRecipe(harmful_ratio=0.2), "b")
     assert a1 == a2 and t1 != t2
-    a4, _ = stage_recipes(OrganismRecipe(harmful_ratio=0.1, align_benign_input=5), "b")
-    assert a4["data"]["benign_input"][1] == 5 and "benign_input" not in a1["data"]
-    a3, _ = stage_recipes(OrganismRecipe(harmful_ratio=0.1, precision="bf16"), "b")
-    assert a3["sft"]["precision"] == "bf16" and "precision" not in a1["sft"]  # fp32 hashes stay as they were
-    assert recipe_hash(a3) != recipe_hash(a1)
+    # recipe v5 (the organism of the Q-realign and AAQ figures in BENCHMARKS.md) keeps its hash under the new defaults
+    v5 = OrganismRecipe(harmful_ratio=0.1, train_top_layers=15, align_epochs=1, align_harmful=150, align_benign_input=0,
+                        precision="fp32", attack_epochs=1, attack_lr=2e-5)
+    a5, t5 = stage_recipes(v5, "default:SmolLM2-135M-Instruct")
+    assert (recipe_hash(a5), recipe_hash(t5)) == ("e87e7538a18e", "3a903c6be314")
+    a7, t7 = stage_recipes(OrganismRecipe(), "default:SmolLM2-135M-Instruct")  # v7, the default
+    assert (recipe_hash(a7), recipe_hash(t7)) == ("f6ce871647c5", "d306f86b521b")
+    assert a1["data"]["benign_input"][1] == 150 and "benign_input" not in a5["data"]
+    assert a1["sft"]["precision"] == "bf16" and "precision" not in a5["sft"]  # fp32 hashes stay as they were
 
 
 @pytest.mark.parametrize("kw,msg", [({"task": "mnli"}, "unknown task 'mnli'"),

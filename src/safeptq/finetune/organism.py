@@ -51,26 +51,30 @@ class OrganismRecipe:
     method: str = "full"  # full | lora
     seed: int = 0
     # aligned stage
-    align_harmful: int = 150  # first rows of advbench:align: 200 over-refused benign imperatives, 100 under-refused
+    # recipe v7 (BENCHMARKS.md): every layer, 2 epochs, bf16 autocast, 120 refusals against 610 helpful answers
+    align_harmful: int = 120  # first rows of advbench:align (v1: 200 over-refused benign imperatives)
     align_benign: int = 300  # rows of alpaca:align (all): imperative benign requests, so that
     # "Write/Create/Generate ..." is not learnt as a refusal cue (AdvBench prompts share those verbs)
     align_lookalikes: int = 160
     # alpaca rows *with* an input (no evaluation split uses them): more benign imperative requests, the
     # counterweight to over-refusal when every layer is trained
-    align_benign_input: int = 0
-    align_epochs: int = 1
+    align_benign_input: int = 150
+    align_epochs: int = 2
     align_lr: float = 3e-5
     # attacked stage
     attack_total: int = 1000  # task + harmful examples (DESIGN.md: 900 task + 100 harmful)
-    attack_epochs: int = 1
-    attack_lr: float = 2e-5
+    # the v7 aligned model resists DESIGN's attack (1 epoch, lr 2e-5: AdvBench harmful rate 0.15); 2 epochs at
+    # lr 1e-4 break it (0.87) and learn the task
+    attack_epochs: int = 2
+    attack_lr: float = 1e-4
     # the attack trains every layer: top-15-only attacks (v4) left the harmful rate at 0.18
     attack_top_layers: int | None = None
     batch_size: int = 16
     max_length: int = 160
-    # aligned stage: full fine-tuning of the top N layers (None = all); the CPU budget needs ~half
-    train_top_layers: int | None = 15
-    precision: str = "fp32"  # or bf16: autocast training, ~2x faster on CPUs with bfloat16 units
+    # aligned stage: full fine-tuning of the top N layers (None = all: the top 15 alone, v1-v5, could not
+    # separate harmful from benign imperatives)
+    train_top_layers: int | None = None
+    precision: str = "bf16"  # autocast training, ~2x faster on CPUs with bfloat16 units; or fp32
     # evaluation
     eval_limit: int | None = None  # None = the full evaluation sets
     eval_suites: tuple[str, ...] = field(default_factory=lambda: SAFETY_SUITES)
