@@ -71,7 +71,7 @@ class EvalCommand(Command):
     def run(self, args: argparse.Namespace) -> int:
         from ..errors import ConfigError
         from ..eval import EvalConfig, evaluate, make_generator, parse_suites
-        from ..eval.samples import write_samples
+        from ..eval.samples import pop_samples, write_samples
         from ..models import load_model, require_chat_template
 
         suites = parse_suites(args.suite)
@@ -93,7 +93,7 @@ class EvalCommand(Command):
                              batch_size=args.batch_size, progress=not args.no_progress)
         t0 = time.time()
         results = evaluate(lm.model, lm.tokenizer, suites, cfg, generator=gen)
-        samples = {k: v.pop("samples") for k, v in results.items() if "samples" in v}
+        samples = pop_samples(results)
         rows = [[name, *format_metric(res)] for name, res in results.items()]
         print_table(rows, ["suite", "metric", "value", "95% CI", "n"])
         doc = {"model": args.model, "model_path": lm.path, "suites": results,

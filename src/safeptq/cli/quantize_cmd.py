@@ -459,13 +459,13 @@ class QuantizeCommand(Command):
                               f"it is incomplete (no {self.run_file})")
         for k, v in self.extra_record(args, lm, "after", device).items():
             record[k] = {**record.get(k, {}), **v} if isinstance(v, dict) and isinstance(record.get(k), dict) else v
-        from ..eval.samples import SAMPLES_FILE, write_samples
+        from ..eval.samples import SAMPLES_FILE, pop_samples, write_samples
 
         results = None
         (out / SAMPLES_FILE).unlink(missing_ok=True)  # never an earlier run's verdicts beside this run's results
         if ctx.suites:
             results = self._evaluate(model, tok, ctx.suites, args, device)
-            samples = {k: v.pop("samples") for k, v in results.items() if v.get("samples")}
+            samples = pop_samples(results)
             if samples:  # per-prompt verdicts, for `safeptq compare`
                 write_samples(out / SAMPLES_FILE, samples)
 

@@ -13,9 +13,20 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["SAMPLES_FILE", "write_samples", "read_samples", "samples_path", "paired_difference", "compare_runs"]
+__all__ = ["SAMPLES_FILE", "pop_samples", "write_samples", "read_samples", "samples_path", "paired_difference", "compare_runs"]
 
 SAMPLES_FILE = "eval.samples.jsonl"  # in a quantize / realign / aaq output folder
+
+
+def pop_samples(results: dict[str, dict]) -> dict[str, list[dict]]:
+    """Take the per-prompt records out of :func:`~safeptq.eval.evaluate` results (they go to their own file,
+    not into the results JSON): ``{suite: samples}`` of the suites that have any."""
+    out = {}
+    for suite, res in results.items():
+        items = res.pop("samples", None)
+        if items:
+            out[suite] = items
+    return out
 
 
 def write_samples(path: str | Path, samples: dict[str, list[dict]]) -> Path:
