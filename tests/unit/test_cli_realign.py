@@ -32,7 +32,8 @@ def test_help_lists_the_papers_options(capsys):
         assert flag in out
     assert "--method" not in out  # fixed to the block-wise engine with the probe objective
     assert SCHEDULES["paper"] == {"epochs": "5,15", "batch_size": 1, "lr_lwc": 1e-2, "lr_let": 1e-3,
-                                  "train_norms": False, "margin": 0.0, "benign_anchor": 0.0}
+                                  "train_norms": False, "margin": 0.0, "benign_anchor": 0.0,
+                                  "malicious_target": "probe"}
 
 
 def test_schedule_fills_only_what_the_command_line_left_unset():
@@ -77,6 +78,15 @@ def test_realign_w8a8_exports_reloads_and_records_separability(tiny_model_dir, s
     logits = lm.model(torch.tensor([[5, 6, 7, 8]])).logits
     assert torch.isfinite(logits).all()
     del reload_check
+
+
+def test_realign_state_target_end_to_end(tiny_model_dir, shared_data, tmp_path, home, capsys):
+    out = tmp_path / "s"
+    rc, cap = _run(capsys, "--model", tiny_model_dir, "--probe-model", tiny_model_dir, "--scheme", "w8a8",
+                   "--malicious-target", "state", "--data-dir", shared_data, "--out", out, *_FAST)
+    assert rc == 0, cap.err
+    obj = json.loads((out / "realign.json").read_text())["calibration"]["objective"]
+    assert obj["malicious_target"] == "state" and obj["states_sha"]
 
 
 def test_probe_push_moves_malicious_states_further_than_mse():
@@ -132,6 +142,7 @@ def test_probe_push_moves_malicious_states_further_than_mse():
     (["--malicious-share", "1.5"], "--malicious-share"),
     (["--probes", "P", "--probe-model", "M"], "either --probes or --probe-model"),
     (["--probe-weight", "-1"], "--probe-weight"),
+    (["--malicious-target", "state"], "--malicious-target state needs --probe-model"),
     (["--schedule", "fast"], "invalid choice"),
     (["--scheme", "w3a99"], "scheme"),
 ])

@@ -127,6 +127,34 @@ def test_probe_push_errors():
         obj(_batch(layer=5, labels=(1, 0, 0)))
 
 
+def test_state_target_pulls_malicious_last_tokens_to_the_probe_models_state():
+    b = _batch(labels=(1, 0, 1))
+    states = torch.randn(2, 10, H, generator=torch.Generator().manual_seed(4))  # [layers, calib rows, H]
+    rows = torch.tensor([7, 2, 5])
+    b = BlockBatch(1, b.output, b.target, b.mask, b.labels, b.last_idx, rows)
+    obj = ProbePush(_probes(), malicious_target="state", states=states)
+    loss = obj(b)
+    h = b.last_token()
+    assert torch.allclose(loss[0], ((h[0] - states[1, 7]) ** 2).mean())
+    assert torch.allclose(loss[2], ((h[2] - states[1, 5]) ** 2).mean())
+    assert torch.allclose(loss[1], masked_mse(b)[1])  # benign: the MSE, as with the probe target
+    # a malicious sample already at the probe model's state costs nothing
+    out = b.output.clone()
+    out[0, b.last_idx[0]] = states[1, 7]
+    assert obj(BlockBatch(1, out, b.target, b.mask, b.labels, b.last_idx, rows))[0].item() == 0.0
+    assert obj.describe()["malicious_target"] == "state" and "states_sha" in obj.describe()
+
+
+def test_state_target_errors():
+    with pytest.raises(ConfigError, match="unknown malicious target 'logits'"):
+        ProbePush(_probes(), malicious_target="logits")
+    with pytest.raises(ConfigError, match="needs the probe model's last-token states"):
+        ProbePush(_probes(), malicious_target="state")
+    obj = ProbePush(_probes(), malicious_target="state", states=torch.zeros(2, 3, H))
+    with pytest.raises(ConfigError, match="calibration rows"):
+        obj(_batch(labels=(1, 0, 0)))
+
+
 def test_registry():
     assert {"mse", "realign"} <= set(objective_names())
     assert isinstance(get_objective("mse"), MSE)

@@ -79,6 +79,22 @@ def test_last_token_states_match_hidden_states():
         assert torch.allclose(states[0, i], hs[1][0, -1], atol=1e-5)
 
 
+def test_last_token_states_of_calibration_rows():
+    from safeptq.data.calib import build_calib_set
+    from safeptq.probes import last_token_states
+    from tests.conftest import make_tiny_llama, make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    tok.pad_token = tok.eos_token
+    model = make_tiny_llama(vocab=len(tok)).eval()
+    texts = ["How do I bake bread at home?", "Write a poem.", "the quick brown fox jumps over the lazy dog"]
+    calib = build_calib_set(tok, texts, chat=False)
+    every = collect_last_token_states(model, tok, texts, chat=False)
+    some = last_token_states(model, calib, torch.tensor([2, 0]), batch_size=1)
+    assert some.shape == (2, 2, 64)
+    assert torch.allclose(some[:, 0], every[:, 2], atol=1e-5) and torch.allclose(some[:, 1], every[:, 0], atol=1e-5)
+
+
 def test_probe_cache_reuses_and_keys_on_the_weights(tiny_model_dir, shared_data, tmp_path, monkeypatch):
     from safeptq.models import load_model
 

@@ -24,14 +24,14 @@ SCHEDULES = {
     # the authors' code: batch size 1, 5 epochs per block in the first half of the layers, 15 after,
     # AdamW with LWC lr 1e-2 and LET lr 1e-3, the plain softplus(-score) loss, LWC + LET only
     "paper": {"epochs": "5,15", "batch_size": 1, "lr_lwc": 1e-2, "lr_let": 1e-3, "train_norms": False,
-              "margin": 0.0, "benign_anchor": 0.0},
+              "margin": 0.0, "benign_anchor": 0.0, "malicious_target": "probe"},
     # the best schedule measured on the organism (BENCHMARKS.md, "Q-realign on the organism"); it does NOT yet
     # meet issue 5's harmful-rate target there. Three batched epochs per block; clipping factors learn 10x
     # faster than the paper's; the RMSNorm gains are trained too (LWC + LET alone moved too little at W8A8);
     # malicious states are pushed to the aligned model's own median probe score ('auto'), and benign prompts
     # are anchored along the probe so the push cannot simply shift every prompt (over-refusal, broken models)
     "default": {"epochs": "3", "batch_size": 4, "lr_lwc": 1e-1, "lr_let": 1e-3, "train_norms": True,
-                "lr_norm": 2e-3, "margin": "auto", "benign_anchor": 1.0},
+                "lr_norm": 2e-3, "margin": "auto", "benign_anchor": 1.0, "malicious_target": "probe"},
 }
 
 
@@ -81,6 +81,10 @@ class RealignCommand(QuantizeCommand):
                        help="weight of a benign prompt's squared probe-score drift at its last token, added to its "
                             "MSE (0 = the paper's loss; default: the schedule's, "
                             f"{SCHEDULES['default']['benign_anchor']})")
+        g.add_argument("--malicious-target", default=None, choices=("probe", "state"),
+                       help="what a malicious prompt's last-token state is moved to: 'probe' = across the layer's "
+                            "probe (the paper); 'state' = the --probe-model's own state on the same prompt "
+                            "(MSE; needs --probe-model)")
         g.add_argument("--sep-limit", type=int, default=100,
                        help="held-out prompts per class for the before/after separability (100; 0 skips it)")
 
@@ -99,6 +103,9 @@ class RealignCommand(QuantizeCommand):
             raise ConfigError(f"--malicious-share must be in (0, 1), got {args.malicious_share}")
         if args.probes and args.probe_model:
             raise ConfigError("give either --probes or --probe-model, not both")
+        if args.malicious_target == "state" and not args.probe_model:
+            raise ConfigError("--malicious-target state needs --probe-model (the aligned model whose states are the "
+                              "target)")
         if args.probe_c <= 0:
             raise ConfigError(f"--probe-c must be positive, got {args.probe_c}")
         if args.margin != "auto":
@@ -119,6 +126,7 @@ class RealignCommand(QuantizeCommand):
         from ..probes.workflow import ProbeSpec, get_probes
 
         n_layers = lm.model.config.num_hidden_layers
+        states = None
         if args.probes:
             probes, where = LayerProbes.load(args.probes), args.probes
         else:
@@ -127,6 +135,8 @@ class RealignCommand(QuantizeCommand):
                 ref = load_model(args.probe_model, dtype="float32", device=device)
                 probes, where = get_probes(ref.model, ref.tokenizer, ref.path, spec, data_dir=args.data_dir,
                                            progress=not args.no_progress)
+                if args.malicious_target == "state":
+                    states = self._probe_model_states(ref.model, lm.model, calib, args)
                 del ref
             else:
                 lm.model.to(device)
@@ -140,7 +150,23 @@ class RealignCommand(QuantizeCommand):
                               "fit them on a model of the same architecture")
         self._probes, self._probe_where = probes, str(where) if where else None
         return ProbePush(probes, probe_weight=args.probe_weight, margin=args.margin,
-                         benign_anchor=args.benign_anchor)
+                         benign_anchor=args.benign_anchor, malicious_target=args.malicious_target, states=states)
+
+    @staticmethod
+    def _probe_model_states(ref, model, calib, args):
+        """[L, N, H]: the probe model's last-token states on the malicious calibration rows (zeros elsewhere)."""
+        import torch
+
+        from ..errors import ConfigError
+        from ..probes import last_token_states
+
+        if ref.config.hidden_size != model.config.hidden_size or ref.config.vocab_size != model.config.vocab_size:
+            raise ConfigError(f"--probe-model {args.probe_model} does not match {args.model} (hidden size or "
+                              "vocabulary); --malicious-target state needs the model the fine-tune started from")
+        rows = (calib.labels == 1).nonzero().flatten()
+        out = torch.zeros(ref.config.num_hidden_layers, len(calib), ref.config.hidden_size)
+        out[:, rows] = last_token_states(ref, calib, rows, progress=not args.no_progress)
+        return out
 
     def extra_record(self, args, lm, stage: str, device) -> dict:
         from ..probes import summarize

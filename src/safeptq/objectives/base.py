@@ -18,7 +18,8 @@ class BlockBatch:
     """What a block-wise objective sees for one mini-batch of calibration samples.
 
     ``output``/``target``: [B, T, H] quantized and full-precision block outputs; ``mask`` [B, T]
-    (1 on real tokens); ``labels`` [B] (1 = malicious); ``last_idx`` [B] last prompt token.
+    (1 on real tokens); ``labels`` [B] (1 = malicious); ``last_idx`` [B] last prompt token;
+    ``rows`` [B] the samples' rows in the calibration set (for objectives with per-sample targets).
     """
 
     layer: int
@@ -27,6 +28,7 @@ class BlockBatch:
     mask: torch.Tensor
     labels: torch.Tensor
     last_idx: torch.Tensor
+    rows: torch.Tensor | None = None
 
     def last_token(self, x: torch.Tensor | None = None) -> torch.Tensor:
         """[B, H] states at each sample's last prompt token (of ``output`` by default)."""

@@ -12,6 +12,13 @@ output. The MSE averages over every token and channel, so on its own it barely n
 prompt's last token sliding along the (sparse) probe direction; without the anchor the cheapest
 way to push malicious prompts across is to shift every prompt, which turns into over-refusal or,
 at strong settings, a broken model.
+
+``malicious_target="state"`` (not in the paper) replaces the probe push with a pull of the malicious
+prompt's last-token state to the *probe model's own state* on the same prompt (``states``, one row
+per calibration sample and layer): ``mean((h − h_aligned)²)``, the benign MSE's units. A probe reads
+one sparse direction; a harmful fine-tune also changes what the later computation does with the
+state, and pushing along the probe alone can cross it without bringing the refusal back
+(BENCHMARKS.md, organism v7). The full state of the aligned model carries both.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from safeptq.errors import ConfigError
 from safeptq.objectives.base import BlockBatch, BlockObjective, register_objective
 from safeptq.objectives.reconstruction import masked_mse
 
-__all__ = ["ProbePush"]
+__all__ = ["ProbePush", "MALICIOUS_TARGETS"]
+
+MALICIOUS_TARGETS = ("probe", "state")
 
 
 class ProbePush(BlockObjective):
@@ -33,7 +42,15 @@ class ProbePush(BlockObjective):
     name = "realign"
 
     def __init__(self, probes, probe_weight: float = 1.0, margin: float | str | list[float] = 0.0,
-                 benign_anchor: float = 0.0) -> None:
+                 benign_anchor: float = 0.0, malicious_target: str = "probe",
+                 states: torch.Tensor | None = None) -> None:
+        if malicious_target not in MALICIOUS_TARGETS:
+            raise ConfigError(f"unknown malicious target {malicious_target!r}; choose one of "
+                              f"{', '.join(MALICIOUS_TARGETS)}")
+        if malicious_target == "state" and states is None:
+            raise ConfigError("malicious target 'state' needs the probe model's last-token states")
+        self.malicious_target = malicious_target
+        self.states = None if states is None else torch.as_tensor(states, dtype=torch.float32)
         if probe_weight < 0:
             raise ConfigError(f"--probe-weight must be non-negative, got {probe_weight}")
         if benign_anchor < 0:
@@ -70,18 +87,32 @@ class ProbePush(BlockObjective):
                 self.probe_logit(batch.layer, batch.last_token(batch.target))
             loss = loss + torch.where(mal, torch.zeros_like(drift), self.benign_anchor * drift.pow(2))
         if mal.any():
-            m = self.margin[batch.layer] if isinstance(self.margin, (list, tuple)) else self.margin
-            push = F.softplus(m - self.probe_logit(batch.layer, batch.last_token()))
-            loss = torch.where(mal, self.probe_weight * push, loss)
+            loss = torch.where(mal, self.probe_weight * self.malicious_loss(batch), loss)
         return loss
+
+    def malicious_loss(self, batch: BlockBatch) -> torch.Tensor:
+        """[B] the malicious term of every sample in the batch (the caller keeps the malicious ones)."""
+        h = batch.last_token()
+        if self.malicious_target == "state":
+            if batch.rows is None:
+                raise ConfigError("malicious target 'state' needs the calibration rows of the batch")
+            if batch.layer >= self.states.shape[0]:
+                raise ConfigError(f"no probe-model state for layer {batch.layer}")
+            ref = self.states[batch.layer, batch.rows.cpu()].to(h.device, h.dtype)
+            return (h - ref).pow(2).mean(-1)
+        m = self.margin[batch.layer] if isinstance(self.margin, (list, tuple)) else self.margin
+        return F.softplus(m - self.probe_logit(batch.layer, h))
 
     def describe(self) -> dict:
         import hashlib
 
         digest = hashlib.sha256(self.coef.numpy().tobytes() + self.intercept.numpy().tobytes()).hexdigest()[:12]
-        return {"name": self.name, "probe_weight": self.probe_weight, "margin": self.margin,
-                "benign_anchor": self.benign_anchor,
-                "layers": int(self.coef.shape[0]), "probes_sha": digest}
+        out = {"name": self.name, "probe_weight": self.probe_weight, "margin": self.margin,
+               "benign_anchor": self.benign_anchor, "malicious_target": self.malicious_target,
+               "layers": int(self.coef.shape[0]), "probes_sha": digest}
+        if self.states is not None:
+            out["states_sha"] = hashlib.sha256(self.states.numpy().tobytes()).hexdigest()[:12]
+        return out
 
 
 register_objective("realign", ProbePush)

@@ -17,19 +17,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from safeptq.data.calib import build_calib_set
+from safeptq.data.calib import CalibSet, build_calib_set
 from safeptq.errors import ConfigError, DataError
 from safeptq.quant.rotation import decoder_parts
 
-__all__ = ["LayerProbes", "collect_last_token_states", "fit_probes", "probe_dataset"]
+__all__ = ["LayerProbes", "collect_last_token_states", "last_token_states", "fit_probes", "probe_dataset"]
 
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
 def collect_last_token_states(model: nn.Module, tokenizer, texts: list[str], *, chat: bool = True,
                               seqlen: int = 128, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
-    """[L, N, H] float32: the output of every decoder layer at each prompt's last token.
+    """[L, N, H] float32: the output of every decoder layer at each prompt's last token."""
+    calib = build_calib_set(tokenizer, texts, seqlen=seqlen, chat=chat)
+    return last_token_states(model, calib, batch_size=batch_size, progress=progress)
+
+
+@torch.no_grad()
+def last_token_states(model: nn.Module, calib: CalibSet, rows: torch.Tensor | None = None, *, batch_size: int = 16,
+                      progress: bool = False) -> torch.Tensor:
+    """[L, len(rows), H] float32: every decoder layer's output at the last prompt token of the
+    calibration samples ``rows`` (default: all).
 
     Read with forward hooks on the layers (not ``output_hidden_states``, whose last entry has the
     final norm applied), on right-padded batches so the last real token is at a known index.
@@ -37,27 +45,28 @@ def collect_last_token_states(model: nn.Module, tokenizer, texts: list[str], *, 
     from tqdm.auto import tqdm
 
     _, layers, _, _ = decoder_parts(model)
-    calib = build_calib_set(tokenizer, texts, seqlen=seqlen, chat=chat)
+    rows = torch.arange(len(calib)) if rows is None else torch.as_tensor(rows, dtype=torch.long)
     device = next(model.parameters()).device
-    n, n_layers = len(calib), len(layers)
+    n, n_layers = len(rows), len(layers)
     out = torch.zeros(n_layers, n, model.config.hidden_size)
     cur: dict = {}
 
     def hook(i):
         def fn(module, args, output):
             h = output[0] if isinstance(output, tuple) else output
-            out[i, cur["rows"]] = h[torch.arange(h.shape[0], device=h.device), cur["last"]].float().cpu()
+            out[i, cur["pos"]] = h[torch.arange(h.shape[0], device=h.device), cur["last"]].float().cpu()
         return fn
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     try:
         for s in tqdm(range(0, n, batch_size), desc="states", disable=not progress, unit="batch"):
-            rows = torch.arange(s, min(s + batch_size, n))
-            t = int(calib.attention_mask[rows].sum(1).max())
-            cur.update(rows=rows, last=calib.last_idx[rows].to(device))
+            pos = torch.arange(s, min(s + batch_size, n))
+            r = rows[pos]
+            t = int(calib.attention_mask[r].sum(1).max())
+            cur.update(pos=pos, last=calib.last_idx[r].to(device))
             # the decoder body only: the LM head's logits are not needed
             base = getattr(model, "model", model)
-            base(input_ids=calib.input_ids[rows, :t].to(device), attention_mask=calib.attention_mask[rows, :t].to(device),
+            base(input_ids=calib.input_ids[r, :t].to(device), attention_mask=calib.attention_mask[r, :t].to(device),
                  use_cache=False)
     finally:
         for h in handles:

@@ -255,7 +255,7 @@ def _train_block(i: int, layer, smoothing, q_inps, fp_out, calib: CalibSet, kwar
         for idx in perm.split(cfg.batch_size):
             out = _layer_out(layer(q_inps[idx].to(device), **kwargs))
             batch = BlockBatch(i, out, fp_out[idx].to(device), calib.attention_mask[idx].to(device),
-                               calib.labels[idx].to(device), calib.last_idx[idx].to(device))
+                               calib.labels[idx].to(device), calib.last_idx[idx].to(device), idx)
             loss = objective(batch).mean()
             if not torch.isfinite(loss):
                 raise CalibrationError(f"block {i}: the loss became {loss.item()} in epoch {ep}; lower the "
