@@ -51,6 +51,10 @@ def test_schedule_fills_only_what_the_command_line_left_unset():
     d = SCHEDULES["default"]
     assert (args.epochs, args.batch_size, args.lr_lwc, args.train_norms, args.margin) == \
         (d["epochs"], d["batch_size"], d["lr_lwc"], False, 2.0)
+    assert args.malicious_target == "probe"  # the default schedule's state target needs --probe-model
+    args = build_parser().parse_args(base + ["--probe-model", "aligned"])
+    RealignCommand().resolve_defaults(args)
+    assert args.malicious_target == d["malicious_target"] == "state"
 
 
 def test_realign_w8a8_exports_reloads_and_records_separability(tiny_model_dir, shared_data, tmp_path, home, capsys):

@@ -25,13 +25,13 @@ SCHEDULES = {
     # AdamW with LWC lr 1e-2 and LET lr 1e-3, the plain softplus(-score) loss, LWC + LET only
     "paper": {"epochs": "5,15", "batch_size": 1, "lr_lwc": 1e-2, "lr_let": 1e-3, "train_norms": False,
               "margin": 0.0, "benign_anchor": 0.0, "malicious_target": "probe"},
-    # the best schedule measured on the organism (BENCHMARKS.md, "Q-realign on the organism"); it does NOT yet
-    # meet issue 5's harmful-rate target there. Three batched epochs per block; clipping factors learn 10x
-    # faster than the paper's; the RMSNorm gains are trained too (LWC + LET alone moved too little at W8A8);
-    # malicious states are pushed to the aligned model's own median probe score ('auto'), and benign prompts
-    # are anchored along the probe so the push cannot simply shift every prompt (over-refusal, broken models)
+    # the schedule measured on the organism (BENCHMARKS.md, "Q-realign on the organism"). Three batched epochs per
+    # block; clipping factors learn 10x faster than the paper's; the RMSNorm gains are trained too (LWC + LET are
+    # equivalent transforms and at W8A8 move too little); a malicious prompt's last-token state is pulled to the
+    # aligned (probe) model's own state on that prompt — crossing the probe alone did not bring the refusals back —
+    # and benign prompts are anchored along the probe so their last token does not drift towards it
     "default": {"epochs": "3", "batch_size": 4, "lr_lwc": 1e-1, "lr_let": 1e-3, "train_norms": True,
-                "lr_norm": 2e-3, "margin": "auto", "benign_anchor": 1.0, "malicious_target": "probe"},
+                "lr_norm": 2e-3, "margin": "auto", "benign_anchor": 1.0, "malicious_target": "state"},
 }
 
 
@@ -84,16 +84,21 @@ class RealignCommand(QuantizeCommand):
         g.add_argument("--malicious-target", default=None, choices=("probe", "state"),
                        help="what a malicious prompt's last-token state is moved to: 'probe' = across the layer's "
                             "probe (the paper); 'state' = the --probe-model's own state on the same prompt "
-                            "(MSE; needs --probe-model)")
+                            "(MSE; needs --probe-model); default: the schedule's ('default': state, 'paper': probe)")
         g.add_argument("--sep-limit", type=int, default=100,
                        help="held-out prompts per class for the before/after separability (100; 0 skips it)")
 
     def resolve_defaults(self, args: argparse.Namespace) -> None:
         from ..errors import ConfigError
 
+        target_given = args.malicious_target is not None
         for key, value in SCHEDULES[args.schedule].items():  # explicit options win over the schedule
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
+        if args.malicious_target == "state" and not args.probe_model and not target_given:
+            # the schedule's state target needs the aligned model; without one, fall back to the probe push
+            log.info("no --probe-model: malicious prompts are pushed across the probes (--malicious-target probe)")
+            args.malicious_target = "probe"
         super().resolve_defaults(args)
         if args.benign_anchor < 0:
             raise ConfigError(f"--benign-anchor must be non-negative, got {args.benign_anchor}")
