@@ -8,7 +8,8 @@
 #   RUN: fp-aligned | rtn-SCHEME | gptq-SCHEME | kltop-SCHEME | aaq-SCHEME[-lLAMBDA] | aaqu-SCHEME[-lLAMBDA]
 #   | aaqg-SCHEME[-lLAMBDA] | kltopg-SCHEME (aaqu: the authors' unbounded push; aaqg/kltopg: GPTQ weights
 #   after training),
-#   SCHEME: w4a16 w4a8 w4a4 w4a4kv4 (w4a16 is group 64);
+#   SCHEME: w4a16 w4a8 w4a4 w4a4kv4 (w4a16 is group 64); a trailing -chat calibrates on alpaca:calib (benign
+#   chat prompts, chat template) instead of WikiText-2 (e.g. aaq-w4a8-chat);
 #   memory runs (5 steps, no evaluation): mem-kltop, mem-aaq (cached references), mem-live (live references)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,7 @@ for r in "${runs[@]}"; do
   scheme=${r#*-}; scheme=${scheme%%-*}
   gs=(); [ "$scheme" = w4a16 ] && gs=(--group-size 64)
   lam=0.1; [[ $r == *-l* ]] && lam=${r##*-l}
+  cal=(); [[ $r == *-chat ]] && { cal=(--calib alpaca:calib); r0=${r%-chat}; lam=0.1; [[ $r0 == *-l* ]] && lam=${r0##*-l}; }
   ev=(--eval "$EVAL" --ppl-windows 40 --no-progress)
   mem=(--scheme w4a4 --steps 5 --no-progress --out "$d")
   case $r in
@@ -37,11 +39,11 @@ for r in "${runs[@]}"; do
     rtn-*)   $S quantize --model "$ALI" --method rtn --scheme "$scheme" "${gs[@]}" "${ev[@]}" --out "$d" ;;
     gptq-*)  $S quantize --model "$ALI" --method gptq --scheme "$scheme" "${gs[@]}" --calib wikitext2:calib \
                --nsamples 128 --seqlen 128 "${ev[@]}" --out "$d" ;;
-    kltopg-*) $S aaq --model "$ALI" --objective kl_top --weights gptq --scheme "$scheme" "${gs[@]}" $AAQ_ARGS --resume "${ev[@]}" --out "$d" ;;
-    kltop-*) $S aaq --model "$ALI" --objective kl_top --scheme "$scheme" "${gs[@]}" $AAQ_ARGS --resume "${ev[@]}" --out "$d" ;;
-    aaq-*)   $S aaq --model "$ALI" --base "$BASE" --lam "$lam" --scheme "$scheme" "${gs[@]}" $AAQ_ARGS --resume "${ev[@]}" --out "$d" ;;
-    aaqg-*)  $S aaq --model "$ALI" --base "$BASE" --lam "$lam" --weights gptq --scheme "$scheme" "${gs[@]}" $AAQ_ARGS --resume "${ev[@]}" --out "$d" ;;
-    aaqu-*)  $S aaq --model "$ALI" --base "$BASE" --lam "$lam" --push unbounded --scheme "$scheme" "${gs[@]}" $AAQ_ARGS --resume "${ev[@]}" --out "$d" ;;
+    kltopg-*) $S aaq --model "$ALI" --objective kl_top --weights gptq --scheme "$scheme" "${gs[@]}" $AAQ_ARGS "${cal[@]}" --resume "${ev[@]}" --out "$d" ;;
+    kltop-*) $S aaq --model "$ALI" --objective kl_top --scheme "$scheme" "${gs[@]}" $AAQ_ARGS "${cal[@]}" --resume "${ev[@]}" --out "$d" ;;
+    aaq-*)   $S aaq --model "$ALI" --base "$BASE" --lam "$lam" --scheme "$scheme" "${gs[@]}" $AAQ_ARGS "${cal[@]}" --resume "${ev[@]}" --out "$d" ;;
+    aaqg-*)  $S aaq --model "$ALI" --base "$BASE" --lam "$lam" --weights gptq --scheme "$scheme" "${gs[@]}" $AAQ_ARGS "${cal[@]}" --resume "${ev[@]}" --out "$d" ;;
+    aaqu-*)  $S aaq --model "$ALI" --base "$BASE" --lam "$lam" --push unbounded --scheme "$scheme" "${gs[@]}" $AAQ_ARGS "${cal[@]}" --resume "${ev[@]}" --out "$d" ;;
     *) echo "unknown run $r"; exit 2 ;;
   esac
 done

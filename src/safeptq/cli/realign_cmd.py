@@ -1,9 +1,10 @@
 """``safeptq realign``: Q-realign — quantize a fine-tuned model so that its malicious-prompt
-activations go back across per-layer safety probes while benign behaviour is reconstructed.
+activations go back to the safe side (across per-layer safety probes, or to the aligned model's own
+states) while benign behaviour is reconstructed.
 
 It is ``safeptq quantize`` with the method fixed to the block-wise engine (LWC + LET, plus the
-RMSNorm gains in the default schedule) and the :class:`safeptq.objectives.ProbePush` objective; everything else (checks, resume, export, reload
-check, evaluation) is shared. The run record is ``realign.json``: recipe, time, peak memory, and
+RMSNorm gains in the default schedule) and the :class:`safeptq.objectives.ProbePush` objective;
+everything else (checks, resume, export, reload check, evaluation) is shared. The run record is ``realign.json``: recipe, time, peak memory, and
 the probes' separability of the full-precision model before and the quantized model after, on
 held-out prompts (``advbench:eval`` / ``alpaca:eval``, never the calibration rows).
 """
@@ -47,9 +48,10 @@ class RealignCommand(QuantizeCommand):
     description = ("Quantize the fine-tuned --model block by block with learnable weight clipping and smoothing "
                    "(OmniQuant-style LWC + LET; the default schedule also trains the RMSNorm gains) with Q-realign's "
                    "per-sample loss: benign prompts reconstruct the model's full-precision block output (MSE, "
-                   "plus --benign-anchor on their probe score); malicious prompts are pushed to "
-                   "the malicious side of a frozen per-layer probe at the last prompt token "
-                   "(softplus(margin - (w.h + b))). Probes come from --probes or are fitted (and cached) on "
+                   "plus --benign-anchor on their probe score); a malicious prompt's state at its last token is "
+                   "pulled to the --probe-model's own state on that prompt (--malicious-target state, the default "
+                   "schedule) or pushed to the malicious side of the layer's frozen probe "
+                   "(softplus(margin - (w.h + b)), the paper's loss). Probes come from --probes or are fitted (and cached) on "
                    "--probe-model, normally the safety-aligned model the fine-tune started from. Exports like "
                    "`safeptq quantize` and writes realign.json with the recipe, time, peak memory and the "
                    "per-layer separability before and after.")
