@@ -37,7 +37,7 @@ class CompareCommand(Command):
             lo, hi = r["ci95"]
             verdict = "B lower" if hi < 0 else "B higher" if lo > 0 else "no difference"
             rows.append([s, r["metric"], f"{r['a']:.3f}", f"{r['b']:.3f}", f"{r['diff']:+.3f}",
-                         f"[{lo:+.3f}, {hi:+.3f}]", f"{r['only_a']}/{r['only_b']}", f"{r['mcnemar_p']:.3g}",
+                         f"[{lo:+.3f}, {hi:+.3f}]", f"{r['only_a']}/{r['only_b']}", f"{r['mcnemar_p']:.2g}",
                          r["n"], verdict])
         print(f"A = {args.run_a}\nB = {args.run_b}")
         print_table(rows, ["suite", "metric", "A", "B", "B - A", "95% CI (paired)", "A only / B only",

@@ -83,7 +83,7 @@ def paired_difference(a, b, n_boot: int = 5000, seed: int = 0) -> dict:
     p = binomtest(only_b, only_a + only_b).pvalue if only_a + only_b else 1.0
     return {"a": round(float(a.mean()), 4), "b": round(float(b.mean()), 4), "diff": round(float(d.mean()), 4),
             "ci95": [round(float(lo), 4), round(float(hi), 4)], "n": int(d.size),
-            "only_a": only_a, "only_b": only_b, "mcnemar_p": round(float(p), 4)}
+            "only_a": only_a, "only_b": only_b, "mcnemar_p": float(p)}
 
 
 def compare_runs(run_a, run_b, suites: list[str] | None = None) -> dict[str, dict]:
