@@ -116,7 +116,8 @@ def test_contrastive_w4a4_on_wikitext_records_reuses_references_and_reloads(mode
     assert doc["calib_set"]["sources"] == ["wikitext2:calib"] and doc["calib_set"]["n"] == 4
     loss = doc["loss"]
     for key in ("terms_start", "terms_end"):
-        assert set(loss[key]) == {"loss", "kl_instruct", "kl_base", "push"}
+        assert set(loss[key]) == {"loss", "kl_instruct", "kl_base", "push", "push_active"}
+        assert 0.0 <= loss[key]["push_active"] <= 1.0
         assert all(math.isfinite(v) for v in loss[key].values())
     assert loss["terms_start"]["loss"] == loss["start"] and loss["terms_end"]["loss"] == loss["end"]
     assert loss["end"] < loss["start"]

@@ -138,8 +138,11 @@ def test_bounded_push_stops_at_its_cap():
     cap = 0.5 * kl_topk_per_token(*refs.topk["base"], far).min().item()
     bounded = ContrastiveKLTop(k=V, lam=0.5, push="bounded", tau=cap)
     assert torch.allclose(grad(bounded, far), grad(pull, far))
+    assert bounded.terms(far, refs, mask)["push_active"].item() == 0.0  # reported: the push is inert here
     near = b + 0.01 * _logits(2)  # near the base: the push acts
     assert not torch.allclose(grad(bounded, near), grad(pull, near))
+    assert bounded.terms(near, refs, mask)["push_active"].item() > 0.0
+    assert "push_active" not in ContrastiveKLTop(k=V, lam=0.5).terms(near, refs, mask)  # unbounded: always acts
     # unbounded runs away from the base; tau='ref' stops near KL(base || instruct)
     tau = kl_topk(*refs.topk["base"], a, mask).item()
     run = _kls(_sgd(ContrastiveKLTop(k=V, lam=1.0), a, refs, steps=100, lr=1.0), refs)[1]
