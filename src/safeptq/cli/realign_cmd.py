@@ -4,9 +4,10 @@ states) while benign behaviour is reconstructed.
 
 It is ``safeptq quantize`` with the method fixed to the block-wise engine (LWC + LET, plus the
 RMSNorm gains in the default schedule) and the :class:`safeptq.objectives.ProbePush` objective;
-everything else (checks, resume, export, reload check, evaluation) is shared. The run record is ``realign.json``: recipe, time, peak memory, and
-the probes' separability of the full-precision model before and the quantized model after, on
-held-out prompts (``advbench:eval`` / ``alpaca:eval``, never the calibration rows).
+everything else (checks, resume, export, reload check, evaluation) is shared. The run record is
+``realign.json``: recipe, time, peak memory, and the probes' separability of the full-precision
+model before and the quantized model after, on held-out prompts (``advbench:eval`` /
+``alpaca:eval``, never the calibration rows).
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ class RealignCommand(QuantizeCommand):
                    "plus --benign-anchor on their probe score); a malicious prompt's state at its last token is "
                    "pulled to the --probe-model's own state on that prompt (--malicious-target state, the default "
                    "schedule) or pushed to the malicious side of the layer's frozen probe "
-                   "(softplus(margin - (w.h + b)), the paper's loss). Probes come from --probes or are fitted (and cached) on "
-                   "--probe-model, normally the safety-aligned model the fine-tune started from. Exports like "
+                   "(softplus(margin - (w.h + b)), the paper's loss). Probes come from --probes or are fitted "
+                   "(and cached) on --probe-model, normally the safety-aligned model the fine-tune started from. Exports like "
                    "`safeptq quantize` and writes realign.json with the recipe, time, peak memory and the "
                    "per-layer separability before and after.")
     epilog = """examples:

@@ -166,8 +166,8 @@ class ContrastiveKLTop(E2EObjective):
     is τ away from the base on a token, that token stops pushing and only the pull acts, so the
     loss is bounded below by ``−λ·τ``. The term ``push_active`` is the share of tokens still under
     the cap: when quantization noise alone puts the student further than τ from the base on every
-    token, it is 0 and the objective trains exactly like ``kl_top`` (measured on the organism,
-    BENCHMARKS.md). ``tau="ref"`` (default) takes τ per token as
+    token, it is 0 and the objective trains exactly like ``kl_top`` (the case of the bounded runs on
+    the organism, BENCHMARKS.md). ``tau="ref"`` (default) takes τ per token as
     ``KL_topK(base ‖ instruct)``, i.e. push the student no further from the base than the
     instruct model itself is (needs references holding both models); a positive number is a
     fixed cap in nats.

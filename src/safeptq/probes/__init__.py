@@ -9,5 +9,5 @@ from safeptq.probes.probes import (
 )
 from safeptq.probes.separability import separability, summarize
 
-__all__ = ["LayerProbes", "collect_last_token_states", "fit_probes", "last_token_states", "probe_dataset", "separability",
-           "summarize"]
+__all__ = ["LayerProbes", "collect_last_token_states", "fit_probes", "last_token_states", "probe_dataset",
+           "separability", "summarize"]
