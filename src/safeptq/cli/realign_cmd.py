@@ -53,8 +53,8 @@ class RealignCommand(QuantizeCommand):
                    "pulled to the --probe-model's own state on that prompt (--malicious-target state, the default "
                    "schedule) or pushed to the malicious side of the layer's frozen probe "
                    "(softplus(margin - (w.h + b)), the paper's loss). Probes come from --probes or are fitted "
-                   "(and cached) on --probe-model, normally the safety-aligned model the fine-tune started from. Exports like "
-                   "`safeptq quantize` and writes realign.json with the recipe, time, peak memory and the "
+                   "(and cached) on --probe-model, normally the safety-aligned model the fine-tune started from. "
+                   "Exports like `safeptq quantize` and writes realign.json with the recipe, time, peak memory and the "
                    "per-layer separability before and after.")
     epilog = """examples:
   safeptq realign --model runs/organism/attacked --probe-model runs/organism/aligned --scheme w8a8 \\
