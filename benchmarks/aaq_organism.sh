@@ -6,7 +6,8 @@
 # Results: runs/bench/aaq/*/{aaq,quantize}.json and fp-aligned.json; table: benchmarks/tables.py aaq.
 # Usage: bash benchmarks/aaq_organism.sh [RUN...]
 #   RUN: fp-aligned | rtn-SCHEME | gptq-SCHEME | kltop-SCHEME | aaq-SCHEME[-lLAMBDA] | aaqu-SCHEME[-lLAMBDA]
-#   | aaqg-SCHEME[-lLAMBDA] | kltopg-SCHEME (aaqu: the authors' unbounded push; aaqg/kltopg: GPTQ weights
+#   | aaqg-SCHEME[-lLAMBDA] | kltopg-SCHEME | aaqm-SCHEME[-lLAMBDA] (aaqu: the authors' unbounded push; aaqm: the
+#   margin push; aaqg/kltopg: GPTQ weights
 #   after training),
 #   SCHEME: w4a16 w4a8 w4a4 w4a4kv4 (w4a16 is group 64); a trailing -chat calibrates on alpaca:calib (benign
 #   chat prompts, chat template) instead of WikiText-2 (e.g. aaq-w4a8-chat);
@@ -43,6 +44,7 @@ for r in "${runs[@]}"; do
     kltop-*) $S aaq --model "$ALI" --objective kl_top --scheme "$scheme" "${gs[@]}" $AAQ_ARGS "${cal[@]}" --resume "${ev[@]}" --out "$d" ;;
     aaq-*)   $S aaq --model "$ALI" --base "$BASE" --lam "$lam" --scheme "$scheme" "${gs[@]}" $AAQ_ARGS "${cal[@]}" --resume "${ev[@]}" --out "$d" ;;
     aaqg-*)  $S aaq --model "$ALI" --base "$BASE" --lam "$lam" --weights gptq --scheme "$scheme" "${gs[@]}" $AAQ_ARGS "${cal[@]}" --resume "${ev[@]}" --out "$d" ;;
+    aaqm-*)  $S aaq --model "$ALI" --base "$BASE" --lam "$lam" --push margin --scheme "$scheme" "${gs[@]}" $AAQ_ARGS "${cal[@]}" --resume "${ev[@]}" --out "$d" ;;
     aaqu-*)  $S aaq --model "$ALI" --base "$BASE" --lam "$lam" --push unbounded --scheme "$scheme" "${gs[@]}" $AAQ_ARGS "${cal[@]}" --resume "${ev[@]}" --out "$d" ;;
     *) echo "unknown run $r"; exit 2 ;;
   esac

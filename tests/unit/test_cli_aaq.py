@@ -188,6 +188,17 @@ def test_gptq_weights_after_training_export_and_reload(models, prompts, home, tm
     assert not (tmp_path / "kv").exists()
 
 
+def test_margin_push_records_its_formula_and_active_share(models, prompts, home, tmp_path, capsys):
+    out = tmp_path / "m"
+    _ok(capsys, "--model", models["instruct"], "--base", models["base"], "--push", "margin", "--scheme", "w4a16",
+        "--group-size", "32", "--calib", prompts, "--no-chat", *_FAST, "--out", out)
+    r = _doc(out)["recipe"]
+    assert (r["push"], r["tau"]) == ("margin", "ref")
+    assert r["formula"] == ("KL_top32+tail(instruct ‖ q) − 0.1 · min(KL_top32+tail(base ‖ q) − "
+                            "KL_top32+tail(instruct ‖ q), τ = KL_top32+tail(base ‖ instruct) per token)")
+    assert 0.0 <= _doc(out)["loss"]["terms_end"]["push_active"] <= 1.0
+
+
 def test_kl_top_runs_without_base_and_live_references(models, prompts, home, tmp_path, capsys, caplog):
     out = tmp_path / "kl"
     _ok(capsys, "--model", models["instruct"], "--objective", "kl_top", "--lam", "0.3", "--scheme", "w4a4kv4",

@@ -154,6 +154,37 @@ def test_bounded_push_stops_at_its_cap():
     assert ContrastiveKLTop(k=V, lam=1.0, push="bounded")(z, refs, mask) >= floor
 
 
+def test_margin_push_keeps_a_gradient_where_the_bounded_one_has_none():
+    """A student far from both references (quantization noise): the bounded push is capped on every
+    token and trains as the pull alone; the margin push still pushes away from the base, and a student
+    equal to the instruct model sits on the margin's boundary."""
+    a, b = _logits(0), _logits(1)
+    refs = _refs(a, b)
+    mask = torch.ones(2, 5)
+    noisy = a + 3.0 * _logits(5)
+
+    def grad(obj, z):
+        z = z.clone().requires_grad_(True)
+        return torch.autograd.grad(obj(z, refs, mask), z)[0]
+
+    pull = ContrastiveKLTop(k=V, lam=0.0)
+    bounded = ContrastiveKLTop(k=V, lam=0.5, push="bounded")
+    margin = ContrastiveKLTop(k=V, lam=0.5, push="margin")
+    assert bounded.terms(noisy, refs, mask)["push_active"].item() == 0.0
+    assert torch.allclose(grad(bounded, noisy), grad(pull, noisy))
+    assert margin.terms(noisy, refs, mask)["push_active"].item() > 0.0
+    assert not torch.allclose(grad(margin, noisy), grad(pull, noisy))
+    # at the instruct model: d = KL(base ‖ instruct) = τ on every token, the boundary (no token under the cap)
+    at = margin.terms(a, refs, mask)
+    assert at["push_active"].item() == 0.0
+    assert at["push"].item() == pytest.approx(refs.cross_kl[("base", "instruct", False)].mean().item(), rel=1e-4)
+    # training with the margin push ends closer to the instruct model, relative to the base, than the pull alone
+    ki_m, kb_m = _kls(_sgd(margin, noisy, refs, steps=60, lr=0.5), refs)
+    ki_p, kb_p = _kls(_sgd(pull, noisy, refs, steps=60, lr=0.5), refs)
+    assert kb_m - ki_m > kb_p - ki_p
+    assert margin.describe()["tau"] == "ref"
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"push": "sideways"}, "unknown push form 'sideways'"),
     ({"k": 0}, "k must be a positive integer"),

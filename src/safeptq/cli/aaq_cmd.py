@@ -66,9 +66,10 @@ def _formula(args) -> str:
     if args.objective == "kl_top":
         return pull
     push = f"{kl}(base ‖ q)"
-    if args.push == "bounded":
+    if args.push != "unbounded":
         tau = f"{kl}(base ‖ instruct) per token" if args.tau == "ref" else f"{args.tau:g} nats"
-        push = f"min({push}, τ = {tau})"
+        diff = f"{push} − {pull}" if args.push == "margin" else push
+        push = f"min({diff}, τ = {tau})"
     return f"{pull} − {args.lam:g} · {push}"
 
 
@@ -124,9 +125,12 @@ class AAQCommand(QuantizeCommand):
                        help="bounded (default): push = min(KL_topK(base ‖ q), τ) per token, so a token stops "
                             "pushing once the quantized model is τ away from the base and the loss stays bounded "
                             "below; unbounded: the authors' form, push = KL_topK(base ‖ q), which the quantized "
-                            "model can grow without limit by starving the base's top-K tokens")
+                            "model can grow without limit by starving the base's top-K tokens; margin: push = "
+                            "min(KL_topK(base ‖ q) − KL_topK(instruct ‖ q), τ), a hinge on how much closer the "
+                            "quantized model is to the instruct model than to the base (keeps a gradient when "
+                            "quantization noise puts it far from both)")
         g.add_argument("--tau", default=None,
-                       help="cap of the bounded push: 'ref' (default) = per token KL_topK(base ‖ instruct), push "
+                       help="cap of the bounded and margin pushes: 'ref' (default) = per token KL_topK(base ‖ instruct), push "
                             "no further from the base than the instruct model itself is; or a number of nats")
         g.add_argument("--no-tail", action="store_true",
                        help="the authors' plain truncated KL over the top-K ids only. It is not a divergence: it "
@@ -214,7 +218,7 @@ class AAQCommand(QuantizeCommand):
                     raise ConfigError(f"--tau must be 'ref' or a positive number of nats, got {args.tau!r}")
                 args.tau = tau
             if args.push == "unbounded" and args.tau != "ref":
-                log.warning("--tau applies to --push bounded only; ignored")
+                log.warning("--tau applies to --push bounded and margin only; ignored")
         if args.topk < 1:
             raise ConfigError(f"--topk must be at least 1, got {args.topk}")
         if args.steps < 1:
@@ -348,7 +352,7 @@ class AAQCommand(QuantizeCommand):
         recipe = {
             "method": "aaq", "scheme": scheme.name, "group_size": args.group_size,
             "objective": args.objective, "formula": _formula(args), "k": args.topk, "lambda": args.lam,
-            "push": args.push, "tau": args.tau if args.push == "bounded" else None, "tail": not args.no_tail,
+            "push": args.push, "tau": args.tau if args.push != "unbounded" else None, "tail": not args.no_tail,
             "base": args.base, "references": "live" if args.no_ref_cache else "cache",
             "steps": args.steps, "batch_size": args.batch_size,
             "lr": {"rotation": args.lr_rotation, "smoothing": args.lr_smoothing, "lwc": args.lr_lwc},

@@ -45,7 +45,7 @@ __all__ = [
     "check_k",
 ]
 
-PUSH_FORMS = ("unbounded", "bounded")
+PUSH_FORMS = ("unbounded", "bounded", "margin")
 
 
 class TopK(NamedTuple):
@@ -171,6 +171,12 @@ class ContrastiveKLTop(E2EObjective):
     ``KL_topK(base ‖ instruct)``, i.e. push the student no further from the base than the
     instruct model itself is (needs references holding both models); a positive number is a
     fixed cap in nats.
+    ``push="margin"`` acts on the difference: ``push = min(KL_topK(base ‖ q) − KL_topK(instruct ‖ q), τ)``
+    per token, i.e. the loss adds ``λ·relu(τ − d)`` (up to a constant) where ``d`` is how much closer the
+    student is to the instruct model than to the base. A student equal to the instruct model sits
+    exactly at ``d = τ`` (with ``tau="ref"``); quantization noise, which moves the student away from
+    both references alike, leaves ``d`` below τ, so the push keeps a gradient — pull towards the
+    instruct model and away from the base, weighted to the tokens where the two disagree.
     """
 
     name = "contrastive_kl_top"
@@ -214,13 +220,14 @@ class ContrastiveKLTop(E2EObjective):
         pull_tok = _kl_from_logp(ins.indices, ins.logp, logp, self.tail)
         base_tok = _kl_from_logp(base.indices, base.logp, logp, self.tail)
         out = {}
-        if self.push == "bounded":
-            cap = self._cap(refs, base_tok)
-            push_tok = torch.minimum(base_tok, cap)
-            # share of tokens still under the cap: only those give the push a gradient (0 = AAQ acts as kl_top)
-            out["push_active"] = masked_token_mean((base_tok < cap).float(), mask).detach()
-        else:
+        if self.push == "unbounded":
             push_tok = base_tok
+        else:
+            cap = self._cap(refs, base_tok)
+            d = base_tok if self.push == "bounded" else base_tok - pull_tok
+            push_tok = torch.minimum(d, cap)
+            # share of tokens still under the cap: only those give the push a gradient (0 = AAQ acts as kl_top)
+            out["push_active"] = masked_token_mean((d < cap).float(), mask).detach()
         pull, push = masked_token_mean(pull_tok, mask), masked_token_mean(push_tok, mask)
         kl_base = masked_token_mean(base_tok, mask).detach()
         return {"loss": pull - self.lam * push, "kl_instruct": pull, "kl_base": kl_base, "push": push, **out}
@@ -228,7 +235,7 @@ class ContrastiveKLTop(E2EObjective):
     def describe(self) -> dict:
         d = {"name": self.name, "k": self.k, "lambda": self.lam, "push": self.push, "instruct": self.instruct,
              "base": self.base, "tail": self.tail}
-        if self.push == "bounded":
+        if self.push != "unbounded":
             d["tau"] = self.tau
         return d
 
