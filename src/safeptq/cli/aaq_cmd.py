@@ -130,8 +130,9 @@ class AAQCommand(QuantizeCommand):
                             "quantized model is to the instruct model than to the base (keeps a gradient when "
                             "quantization noise puts it far from both)")
         g.add_argument("--tau", default=None,
-                       help="cap of the bounded and margin pushes: 'ref' (default) = per token KL_topK(base ‖ instruct), push "
-                            "no further from the base than the instruct model itself is; or a number of nats")
+                       help="cap of the bounded and margin pushes: 'ref' (default) = per token "
+                            "KL_topK(base ‖ instruct), push no further from the base than the instruct model itself "
+                            "is; or a number of nats")
         g.add_argument("--no-tail", action="store_true",
                        help="the authors' plain truncated KL over the top-K ids only. It is not a divergence: it "
                             "drops below 0 when the quantized model puts more mass on those ids than the "

@@ -58,7 +58,7 @@ class OrganismCommand(Command):
                             f"{R.attack_top_layers or 0}, 0 = all layers)")
         b.add_argument("--precision", default=R.precision, choices=["fp32", "bf16"],
                        help=f"training precision ({R.precision}): fp32, or bf16 autocast (float32 weights and "
-                            "optimizer; about 2x faster on CPUs with bfloat16 units; a different model, so a "
+                            "optimizer; faster on CPUs with bfloat16 units; a different model, so a "
                             "different recipe hash)")
         b.add_argument("--no-progress", action="store_true")
         add_data_options(b)

@@ -168,9 +168,10 @@ class RealignCommand(QuantizeCommand):
         from ..errors import ConfigError
         from ..probes import last_token_states
 
-        if ref.config.hidden_size != model.config.hidden_size or ref.config.vocab_size != model.config.vocab_size:
-            raise ConfigError(f"--probe-model {args.probe_model} does not match {args.model} (hidden size or "
-                              "vocabulary); --malicious-target state needs the model the fine-tune started from")
+        keys = ("num_hidden_layers", "hidden_size", "vocab_size")
+        if any(getattr(ref.config, k) != getattr(model.config, k) for k in keys):
+            raise ConfigError(f"--probe-model {args.probe_model} does not match {args.model} (layers, hidden size "
+                              "or vocabulary); --malicious-target state needs the model the fine-tune started from")
         rows = (calib.labels == 1).nonzero().flatten()
         out = torch.zeros(ref.config.num_hidden_layers, len(calib), ref.config.hidden_size)
         out[:, rows] = last_token_states(ref, calib, rows, progress=not args.no_progress)

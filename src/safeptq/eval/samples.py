@@ -13,7 +13,8 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["SAMPLES_FILE", "pop_samples", "write_samples", "read_samples", "samples_path", "paired_difference", "compare_runs"]
+__all__ = ["SAMPLES_FILE", "pop_samples", "write_samples", "read_samples", "samples_path", "paired_difference",
+           "compare_runs"]
 
 SAMPLES_FILE = "eval.samples.jsonl"  # in a quantize / realign / aaq output folder
 

@@ -74,7 +74,7 @@ class OrganismRecipe:
     # aligned stage: full fine-tuning of the top N layers (None = all: the top 15 alone, v1-v5, could not
     # separate harmful from benign imperatives)
     train_top_layers: int | None = None
-    precision: str = "bf16"  # autocast training, ~2x faster on CPUs with bfloat16 units; or fp32
+    precision: str = "bf16"  # autocast training (faster on CPUs with bfloat16 units); or fp32
     # evaluation
     eval_limit: int | None = None  # None = the full evaluation sets
     eval_suites: tuple[str, ...] = field(default_factory=lambda: SAFETY_SUITES)
