@@ -119,8 +119,20 @@ def test_wikitext2_windows(tok, shared_data):
     assert cs.labels.tolist() == [0] * 4 and cs.sources == ["wikitext2"] * 4
     other = load_calibration("wikitext2", tok, nsamples=4, seqlen=32, data_dir=shared_data, seed=4)
     assert not torch.equal(other.input_ids, cs.input_ids)
-    with pytest.raises(ConfigError, match="cannot mix plain text"):
-        load_calibration("wikitext2=0.5,alpaca:calib=0.5", tok, nsamples=4, seqlen=32, data_dir=shared_data)
+
+
+def test_text_and_prompt_sets_mix(tok, shared_data):
+    """``wikitext2=0.5,alpaca:calib=0.5``: the chat rows as the prompt set alone gives them, then the
+    text windows as wikitext2 alone gives them, right-padded to one width."""
+    cs = load_calibration("alpaca:calib=0.5,wikitext2=0.5", tok, nsamples=4, seqlen=32, data_dir=shared_data, seed=3)
+    chat = load_calibration("alpaca:calib", tok, nsamples=2, seqlen=32, data_dir=shared_data)
+    text = load_calibration("wikitext2", tok, nsamples=2, seqlen=32, data_dir=shared_data, seed=3)
+    assert cs.sources == ["alpaca:calib"] * 2 + ["wikitext2"] * 2
+    assert cs.input_ids.shape == (4, 32) and cs.labels.tolist() == [0] * 4
+    for got, want in zip(cs.token_lists(), chat.token_lists() + text.token_lists()):
+        assert torch.equal(got, want)
+    assert cs.last_idx.tolist() == chat.last_idx.tolist() + [31, 31]
+    assert cs.input_ids[0, len(chat.token_lists()[0]):].eq(tok.pad_token_id).all()
 
 
 def test_wikitext2_calib_is_the_second_half_only(shared_data):
@@ -156,3 +168,46 @@ def test_load_calibration_errors(tok, shared_data):
         load_calibration("alpaka:calib", tok, nsamples=4, data_dir=shared_data)
     with pytest.raises(DataError, match="fewer than --seqlen"):
         load_calibration("wikitext2", tok, nsamples=1, seqlen=10**7, data_dir=shared_data)
+
+
+# -- add_responses (self-distillation replies) -----------------------------------------------------------
+def test_add_responses_appends_each_prompts_own_greedy_reply(tok):
+    """Batched with left padding, every chat row gets exactly the reply the model gives that prompt
+    alone; text rows, labels and last_idx are untouched."""
+    from conftest import make_tiny_llama
+    from safeptq.data.calib import CalibSet, _concat, add_responses
+
+    model = make_tiny_llama(vocab=len(tok), seed=3)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    chat = build_calib_set(tok, ["How do I bake bread at home?", "The answer is 42.", "world sports"],
+                           labels=[BENIGN, MALICIOUS, BENIGN], seqlen=64, sources=["a", "h", "a"])
+    window = torch.tensor([tok("the quick brown fox jumps over the lazy dog")["input_ids"][:8]])
+    text = CalibSet(window, torch.ones_like(window), torch.tensor([0]), torch.tensor([7]), ["text"])
+    cs = _concat([chat, text], tok.pad_token_id)
+    out = add_responses(cs, model, tok, max_new_tokens=6, batch_size=2, text_sources={"text"}, progress=False)
+    assert out.labels.tolist() == [0, 1, 0, 0] and out.last_idx.tolist() == cs.last_idx.tolist()
+    assert out.sources == cs.sources
+    rows, before = out.token_lists(), cs.token_lists()
+    assert torch.equal(rows[3], before[3])  # the text window gets no reply
+    for i in range(3):
+        prompt = before[i]
+        alone = model.generate(prompt[None], attention_mask=torch.ones_like(prompt)[None], do_sample=False,
+                               max_new_tokens=6, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[0]
+        reply = alone[len(prompt):].tolist()
+        if tok.eos_token_id in reply:
+            reply = reply[: reply.index(tok.eos_token_id) + 1]
+        assert rows[i].tolist() == prompt.tolist() + reply
+        assert 1 <= len(reply) <= 6
+
+
+def test_add_responses_errors(tok):
+    from conftest import make_tiny_llama
+    from safeptq.data.calib import CalibSet, add_responses
+
+    model = make_tiny_llama(vocab=len(tok))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    text = CalibSet(ids, torch.ones_like(ids), torch.tensor([0]), torch.tensor([3]), ["wikitext2"])
+    with pytest.raises(ConfigError, match="plain text"):
+        add_responses(text, model, tok, 4, text_sources={"wikitext2"}, progress=False)
+    with pytest.raises(ConfigError, match="at least 1"):
+        add_responses(text, model, tok, 0, progress=False)

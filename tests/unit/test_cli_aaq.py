@@ -86,7 +86,8 @@ def test_help_lists_the_options(capsys):
     out = capsys.readouterr().out
     for flag in ("--model", "--base", "--scheme", "--group-size", "--objective", "--lam", "--topk", "--push",
                  "--tau", "--no-tail", "--steps", "--batch-size", "--lr-rotation", "--lr-smoothing", "--lr-lwc",
-                 "--no-rotation", "--no-smoothing", "--rotation", "--smoothing", "--weights", "--calib", "--nsamples", "--seqlen", "--ref-cache",
+                 "--no-rotation", "--no-smoothing", "--rotation", "--smoothing", "--weights", "--calib", "--nsamples", "--seqlen", "--calib-replies",
+                 "--ref-cache",
                  "--no-ref-cache", "--resume", "--eval", "--eval-limit", "--out", "--no-progress"):
         assert flag in out, flag
     assert "--method" not in out and "--epochs" not in out
@@ -168,6 +169,32 @@ def test_w4a16_exports_pack_quantized_with_an_explicit_cache(models, prompts, ho
     # the same file with another K is refused (it is the user's file), and nothing is written
     _one_line_error(capsys, [*argv, "--topk", "8", "--out", tmp_path / "k8"], "is stale: it holds the top-32")
     assert not (tmp_path / "k8").exists() and not (tmp_path / "k8.work").exists()
+
+
+def test_mixed_calibration_with_replies(models, shared_data, home, tmp_path, capsys):
+    """``--calib alpaca:calib=0.5,wikitext2:calib=0.5 --calib-replies 6``: the instruct model answers the two
+    chat prompts before the references are built; the text windows get no reply; the record says so."""
+    from safeptq.data.calib import load_calibration
+    from safeptq.models import load_model
+
+    out = tmp_path / "mixed"
+    _ok(capsys, "--model", models["instruct"], "--objective", "kl_top", "--scheme", "w4a8", "--data-dir",
+        shared_data, "--calib", "alpaca:calib=0.5,wikitext2:calib=0.5", "--calib-replies", "6", *_FAST,
+        "--out", out)
+    doc = _doc(out)
+    assert (doc["recipe"]["calib_replies"], doc["recipe"]["chat"]) == (6, True)
+    assert doc["calib_set"]["sources"] == ["alpaca:calib", "wikitext2:calib"] and doc["calib_set"]["n"] == 4
+    tok = load_model(str(models["instruct"]), dtype="float32", device="cpu").tokenizer
+    bare = load_calibration("alpaca:calib=0.5,wikitext2:calib=0.5", tok, nsamples=4, seqlen=16, chat=True,
+                            data_dir=shared_data)
+    added = doc["calib_set"]["tokens"] - bare.n_tokens
+    assert 2 <= added <= 12  # one to six reply tokens for each of the two prompts, none for the windows
+    _one_line_error(capsys, ["--model", models["instruct"], "--objective", "kl_top", "--scheme", "w4a8",
+                             "--calib-replies", "-1", "--out", tmp_path / "bad"], "--calib-replies")
+    _one_line_error(capsys, ["--model", models["instruct"], "--objective", "kl_top", "--scheme", "w4a8",
+                             "--data-dir", shared_data, "--calib", "wikitext2:calib", "--calib-replies", "4",
+                             *_FAST, "--out", tmp_path / "text"], "plain text")
+    assert not (tmp_path / "text").exists() and not (tmp_path / "text.work").exists()
 
 
 def test_gptq_weights_after_training_export_and_reload(models, prompts, home, tmp_path, capsys):

@@ -362,7 +362,7 @@ class AAQCommand(QuantizeCommand):
             "weights": ("round to nearest with the learned clipping" if args.weights == "rtn" else
                         "llm-compressor GPTQ on the folded model (learned clipping not used)"),
             "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "chat": ctx.chat,
-            "seed": args.seed,
+            "calib_replies": args.calib_replies, "seed": args.seed,
         }
         record = {
             "references": ref_info,

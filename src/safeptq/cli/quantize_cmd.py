@@ -79,6 +79,8 @@ def check_size_and_eval_args(args) -> None:
         raise ConfigError(f"--eval-limit must be positive, got {args.eval_limit}")
     if args.ppl_windows is not None and args.ppl_windows <= 0:
         raise ConfigError(f"--ppl-windows must be positive, got {args.ppl_windows}")
+    if getattr(args, "calib_replies", 0) < 0:
+        raise ConfigError(f"--calib-replies must be non-negative, got {args.calib_replies}")
 
 
 @dataclass
@@ -180,6 +182,10 @@ class QuantizeCommand(Command):
                        help="tokens per sample (128): prompts keep their last SEQLEN tokens, text is cut in windows")
         g.add_argument("--no-chat", action="store_true",
                        help="tokenize prompts as raw text instead of chat turns (base models without a template)")
+        g.add_argument("--calib-replies", type=int, default=0, metavar="TOKENS",
+                       help="append the full-precision model's own greedy reply (up to TOKENS tokens) to every "
+                            "prompt of the calibration set, so the answer tokens are calibrated too "
+                            "(self-distillation data; 0 = prompts only, the default)")
         add_data_options(g)
 
     def add_training_arguments(self, p: argparse.ArgumentParser) -> None:
@@ -394,8 +400,24 @@ class QuantizeCommand(Command):
                 raise ModelError(f"model {args.model} has no chat template; pass --no-chat to calibrate on raw prompts")
             calib = load_calibration(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, chat=chat,
                                      data_dir=args.data_dir, seed=args.seed)
+            if getattr(args, "calib_replies", 0):
+                calib = self._add_replies(args, lm, calib)
         return RunContext(t0=t0, out=out, work=work, uses_work=uses_work, device=device, lm=lm, scheme=scheme,
                           calib=calib, chat=chat, suites=suites)
+
+    @staticmethod
+    def _add_replies(args, lm, calib):
+        """``--calib-replies``: the full-precision model answers every calibration prompt (greedy)."""
+        from ..data.calib import add_responses, parse_calib_spec
+        from ..data.registry import REGISTRY
+
+        text = {n for n, _ in parse_calib_spec(args.calib) if n in REGISTRY and REGISTRY[n].kind == "text"}
+        t = time.time()
+        out = add_responses(calib, lm.model, lm.tokenizer, args.calib_replies, text_sources=text,
+                            progress=not args.no_progress)
+        log.info("calibration replies: %d tokens added to %d prompts (%.1f s)", out.n_tokens - calib.n_tokens,
+                 sum(s not in text for s in calib.sources), time.time() - t)
+        return out
 
     def calibrate(self, args: argparse.Namespace, ctx: RunContext) -> Calibrated:
         """Run the method on the model (in place where possible)."""
@@ -417,7 +439,8 @@ class QuantizeCommand(Command):
                   "calib": args.calib if calib is not None else None,
                   "nsamples": args.nsamples if calib is not None else None,
                   "seqlen": args.seqlen if calib is not None else None,
-                  "chat": ctx.chat if calib is not None else None, "seed": args.seed}
+                  "chat": ctx.chat if calib is not None else None,
+                  "calib_replies": args.calib_replies if calib is not None else None, "seed": args.seed}
         if cfg is not None:
             recipe.update({"epochs": list(epochs) if isinstance(epochs, tuple) else epochs,
                            "batch_size": args.batch_size, "lr_lwc": args.lr_lwc, "lr_let": args.lr_let,

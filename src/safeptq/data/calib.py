@@ -2,8 +2,10 @@
 
 A calibration spec names one or more prompt sets with shares, e.g. ``alpaca:calib`` (one set),
 ``advbench:calib=0.75,alpaca:calib=0.25`` (Q-realign's mix) or ``wikitext2`` (plain text cut into
-windows of ``seqlen`` tokens). Harmful sets give label 1 (malicious), everything else label 0;
-a ``harmful:`` / ``benign:`` prefix overrides that for user files.
+windows of ``seqlen`` tokens); plain text and prompt sets mix too (``wikitext2:calib=0.5,alpaca:calib=0.5``).
+Harmful sets give label 1 (malicious), everything else label 0; a ``harmful:`` / ``benign:`` prefix
+overrides that for user files. :func:`add_responses` appends a model's own greedy replies to the chat
+samples (self-distillation data: the answer tokens of an instruct model, no labelled data needed).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from ..errors import ConfigError, DataError
 from .chat import format_chat
 from .registry import load_prompt_set
 
-__all__ = ["CalibSet", "MALICIOUS", "BENIGN", "build_calib_set", "parse_calib_spec", "load_calibration"]
+__all__ = ["CalibSet", "MALICIOUS", "BENIGN", "build_calib_set", "parse_calib_spec", "load_calibration",
+           "add_responses"]
 
 BENIGN, MALICIOUS = 0, 1
 
@@ -69,15 +72,9 @@ def build_calib_set(tokenizer, texts: list[str], labels: list[int] | None = None
         s = format_chat(tokenizer, t) if chat else t
         ids = tokenizer(s, add_special_tokens=not chat)["input_ids"]
         rows.append(ids[-seqlen:])
-    t_max = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(rows), t_max), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), t_max), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return CalibSet(input_ids, mask, torch.tensor(labels, dtype=torch.long), mask.sum(1) - 1,
-                    list(sources) if sources else ["user"] * len(texts))
+    return _rows_to_set(rows, labels, [len(r) - 1 for r in rows],
+                        list(sources) if sources else ["user"] * len(texts), pad)
 
 
 def parse_calib_spec(spec: str) -> list[tuple[str, float | None]]:
@@ -136,10 +133,76 @@ def load_calibration(spec: str, tokenizer, nsamples: int = 128, seqlen: int = 12
         texts += ps.texts[:n]
         labels += [label] * n
         sources += [name] * n
-    if windows and texts:
-        raise ConfigError("--calib cannot mix plain text (wikitext2) with prompt sets")
+    parts_ = []
+    if texts:
+        parts_.append(build_calib_set(tokenizer, texts, labels, seqlen=seqlen, chat=chat, sources=sources))
     if windows:
         ids = torch.tensor([w for w, _ in windows], dtype=torch.long)
-        return CalibSet(ids, torch.ones_like(ids), torch.zeros(len(ids), dtype=torch.long),
-                        torch.full((len(ids),), seqlen - 1, dtype=torch.long), [s for _, s in windows])
-    return build_calib_set(tokenizer, texts, labels, seqlen=seqlen, chat=chat, sources=sources)
+        parts_.append(CalibSet(ids, torch.ones_like(ids), torch.zeros(len(ids), dtype=torch.long),
+                               torch.full((len(ids),), seqlen - 1, dtype=torch.long), [s for _, s in windows]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return parts_[0] if len(parts_) == 1 else _concat(parts_, pad)
+
+
+def _rows_to_set(rows: list[list[int]], labels: list[int], last_idx: list[int], sources: list[str],
+                 pad: int) -> CalibSet:
+    """Right-pad token rows into a :class:`CalibSet`."""
+    t_max = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), t_max), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), t_max), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return CalibSet(input_ids, mask, torch.tensor(labels, dtype=torch.long),
+                    torch.tensor(last_idx, dtype=torch.long), list(sources))
+
+
+def _concat(sets: list[CalibSet], pad: int) -> CalibSet:
+    rows = [r.tolist() for c in sets for r in c.token_lists()]
+    return _rows_to_set(rows, [int(x) for c in sets for x in c.labels], [int(x) for c in sets for x in c.last_idx],
+                        [s for c in sets for s in c.sources], pad)
+
+
+@torch.no_grad()
+def add_responses(calib: CalibSet, model, tokenizer, max_new_tokens: int, batch_size: int = 16,
+                  text_sources: set[str] | frozenset[str] = frozenset(), progress: bool = True) -> CalibSet:
+    """``calib`` with ``model``'s greedy reply (up to ``max_new_tokens``, ending at its end-of-turn
+    token, which is kept) appended to every chat sample; samples from ``text_sources`` (plain-text
+    windows) stay as they are. ``last_idx`` still points at the last prompt token, so probes and
+    Q-realign's malicious rows read the same position; the replies only add tokens after it.
+
+    Why: an end-to-end distillation loss on chat *prompts* sees only one answer position per
+    sample; with the instruct model's own replies every answer token carries its distribution."""
+    from tqdm.auto import tqdm
+
+    if max_new_tokens < 1:
+        raise ConfigError(f"the reply length must be at least 1 token, got {max_new_tokens}")
+    rows = [r.tolist() for r in calib.token_lists()]
+    todo = [i for i, s in enumerate(calib.sources) if s not in text_sources]
+    if not todo:
+        raise ConfigError("replies need chat prompts in the calibration set; plain text (wikitext2) has none")
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos = tokenizer.eos_token_id
+    order = sorted(todo, key=lambda i: len(rows[i]))
+    bar = tqdm(total=len(order), desc="calibration replies", unit="sample", disable=not progress)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        t = max(len(rows[i]) for i in idx)
+        ids = torch.full((len(idx), t), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, i in enumerate(idx):  # left padding: every prompt ends where generation starts
+            ids[j, t - len(rows[i]):] = torch.tensor(rows[i])
+            mask[j, t - len(rows[i]):] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+        for j, i in enumerate(idx):
+            reply = []
+            for tok in out[j, t:].tolist():
+                reply.append(tok)
+                if tok == eos:
+                    break
+            rows[i] = rows[i] + reply
+        bar.update(len(idx))
+    bar.close()
+    return _rows_to_set(rows, calib.labels.tolist(), calib.last_idx.tolist(), calib.sources, pad)
