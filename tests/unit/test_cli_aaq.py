@@ -101,7 +101,7 @@ def test_contrastive_w4a4_on_wikitext_records_reuses_references_and_reloads(mode
     # full batches (4 of 4 samples): every step descends the very loss that start and end measure; both
     # transforms on, so the start is far from the optimum (the search below may start close to it)
     argv = ["--model", models["instruct"], "--base", models["base"], "--scheme", "w4a4", "--data-dir", shared_data,
-            *_FAST, "--batch-size", "4", "--rotation", "on", "--smoothing", "on"]
+            *_FAST, "--batch-size", "4", "--rotation", "on", "--smoothing", "on", "--weights", "rtn"]
     out = tmp_path / "w4a4"
     printed = _ok(capsys, *argv, "--out", out)
     assert "loss start" in printed and f"quantized model written to {out}" in printed
@@ -198,11 +198,12 @@ def test_mixed_calibration_with_replies(models, shared_data, home, tmp_path, cap
 
 
 def test_gptq_weights_after_training_export_and_reload(models, prompts, home, tmp_path, capsys):
-    """--weights gptq: the trained transforms are folded, then llm-compressor's GPTQ rounds the weights;
-    its exporter and the reload check (with its own activation quantization off on both sides)."""
+    """The default --weights (auto = gptq without a KV cache): the trained transforms are folded, then
+    llm-compressor's GPTQ rounds the weights; its exporter and the reload check (with its own activation
+    quantization off on both sides)."""
     pytest.importorskip("llmcompressor")
     out = tmp_path / "gptq"
-    _ok(capsys, "--model", models["instruct"], "--objective", "kl_top", "--scheme", "w4a8", "--weights", "gptq",
+    _ok(capsys, "--model", models["instruct"], "--objective", "kl_top", "--scheme", "w4a8",
         "--calib", prompts, "--no-chat", *_FAST, "--out", out)
     doc = _doc(out)
     assert doc["calibration"]["method"] == "aaq+llmcompressor:gptq" and doc["recipe"]["weights"].startswith("llm")
@@ -242,6 +243,7 @@ def test_kl_top_runs_without_base_and_live_references(models, prompts, home, tmp
     assert doc["phases"]["training"]["peak_rss_mb"] > 0 and not (home / "references").exists()
     assert doc["scheme"]["kv_cache"]["num_bits"] == 4 and any("KV cache" in n for n in doc["notes"])
     assert doc["export"]["format"] == "dense"
+    assert r["weights"].startswith("round to nearest")  # --weights auto: no GPTQ with a KV-cache scheme
 
 
 def test_failed_export_leaves_no_run_and_resume_continues(models, prompts, home, tmp_path, capsys, monkeypatch):
@@ -253,7 +255,7 @@ def test_failed_export_leaves_no_run_and_resume_continues(models, prompts, home,
 
     out, work = tmp_path / "o", tmp_path / "ckpt"
     argv = ["--model", models["instruct"], "--base", models["base"], "--scheme", "w4a8", "--calib", prompts,
-            "--no-chat", "--work-dir", work, "--out", out, *_FAST]
+            "--no-chat", "--work-dir", work, "--out", out, "--weights", "rtn", *_FAST]
     with monkeypatch.context() as m:  # not monkeypatch.undo(): that would drop SAFEPTQ_HOME too
         m.setattr(methods, "save_quantized", disk_full)
         _one_line_error(capsys, argv, "disk full")

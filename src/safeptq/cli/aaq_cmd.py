@@ -95,7 +95,8 @@ class AAQCommand(QuantizeCommand):
                    "test text by default; no safety data). Rotation and smoothing are kept or dropped by their "
                    "initial KL (--rotation/--smoothing auto). The references' top-K log-probabilities are "
                    "computed once and cached, so training holds only the model being quantized. Weights are then "
-                   "rounded to nearest with the learned clipping (or by GPTQ, --weights gptq); activations are "
+                   "rounded by GPTQ on the folded model, as the authors' code does (or to nearest with the learned "
+                   "clipping, --weights rtn, the default for KV-cache schemes); activations are "
                    "quantized per token, the KV cache where the scheme says. "
                    "--objective kl_top is the reconstruction-only baseline on the same pipeline (no base "
                    "model). Exports like `safeptq quantize` and writes aaq.json.")
@@ -174,11 +175,12 @@ class AAQCommand(QuantizeCommand):
         g.add_argument("--no-lwc", action="store_true", help="no learnable weight clipping (min/max ranges)")
         g.add_argument("--smooth-alpha", type=float, default=0.5,
                        help="SmoothQuant migration strength that initialises the smoothing scales (0.5)")
-        g.add_argument("--weights", default="rtn", choices=("rtn", "gptq"),
-                       help="how the weights are rounded after training: rtn (default) = round to nearest with "
-                            "the learned clipping; gptq = llm-compressor's GPTQ on the folded (rotated, smoothed) "
-                            "model with the same calibration tokens, its own ranges instead of the learned "
-                            "clipping (needs safeptq[baselines]; no KV-cache schemes)")
+        g.add_argument("--weights", default="auto", choices=("auto", "rtn", "gptq"),
+                       help="how the weights are rounded after training: gptq = llm-compressor's GPTQ on the folded "
+                            "(rotated, smoothed) model with the same calibration tokens, its own ranges instead of "
+                            "the learned clipping (as the authors' code does; needs safeptq[baselines]); rtn = round "
+                            "to nearest with the learned clipping; auto (default) = gptq, except rtn for KV-cache "
+                            "schemes (llm-compressor's GPTQ does not take safeptq's KV quantizer)")
         g.add_argument("--save-every", type=int, default=20,
                        help="checkpoint the transforms every N steps into the work folder (20; 0 = at the end)")
         self.add_resume_arguments(g, "end-to-end checkpoint")
@@ -244,6 +246,11 @@ class AAQCommand(QuantizeCommand):
                 raise ConfigError(f"{flag} must be positive, got {v}")
         if not 0 <= args.smooth_alpha <= 1:
             raise ConfigError(f"--smooth-alpha must be in [0, 1], got {args.smooth_alpha}")
+        if args.weights == "auto":
+            from ..quant.args import resolve_scheme
+
+            kv = resolve_scheme(args.scheme, group_size=args.group_size).kv_cache is not None
+            args.weights = "rtn" if kv else "gptq"
         if args.weights == "gptq":
             from ..baselines import llmcompressor as lc
             from ..quant.args import resolve_scheme
