@@ -36,7 +36,7 @@ def aaq_table(paths: list[str]) -> None:
     docs = [(p, d) for p, d in docs if d is not None]
     fp = next((d for _, d in docs if d["recipe"]["method"] == "fp"), None)
     fp_ppl = ((fp or {}).get("eval") or {}).get("wikitext2", {}).get("perplexity")
-    head = ["run", "method", "scheme", "transforms", "λ", "advbench:eval harmful", "alpaca:eval over-refusal", "WikiText-2 ppl",
+    head = ["run", "method", "scheme", "transforms", "λ", "calibration", "advbench:eval harmful", "alpaca:eval over-refusal", "WikiText-2 ppl",
             "ppl / FP", "calibration s", "peak RSS MiB (calibration)"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -56,7 +56,10 @@ def aaq_table(paths: list[str]) -> None:
         tf = " + ".join(k for k in ("rotation", "smoothing", "lwc") if tf.get(k)) or "—"
         if rec.get("weights", "").startswith("llm-compressor"):
             tf += ", GPTQ weights"
-        print("| " + " | ".join([p.name.removesuffix(".json"), method, scheme, tf, lam, _cell(ev.get("advbench:eval")),
+        cal = rec.get("calib") or "—"
+        if rec.get("calib_replies"):
+            cal += f" + replies ≤ {rec['calib_replies']}"
+        print("| " + " | ".join([p.name.removesuffix(".json"), method, scheme, tf, lam, cal, _cell(ev.get("advbench:eval")),
                                  _cell(ev.get("alpaca:eval")), _cell(ev.get("wikitext2")), ratio,
                                  "—" if t is None else f"{t:.0f}", "—" if not rss else f"{rss:.0f}"]) + " |")
 
