@@ -101,7 +101,7 @@ def test_contrastive_w4a4_on_wikitext_records_reuses_references_and_reloads(mode
     # full batches (4 of 4 samples): every step descends the very loss that start and end measure; both
     # transforms on, so the start is far from the optimum (the search below may start close to it)
     argv = ["--model", models["instruct"], "--base", models["base"], "--scheme", "w4a4", "--data-dir", shared_data,
-            *_FAST, "--batch-size", "4", "--rotation", "on", "--smoothing", "on", "--weights", "rtn"]
+            "--calib", "wikitext2:calib", "--calib-replies", "0", *_FAST, "--batch-size", "4", "--rotation", "on", "--smoothing", "on", "--weights", "rtn"]
     out = tmp_path / "w4a4"
     printed = _ok(capsys, *argv, "--out", out)
     assert "loss start" in printed and f"quantized model written to {out}" in printed
@@ -113,7 +113,8 @@ def test_contrastive_w4a4_on_wikitext_records_reuses_references_and_reloads(mode
     assert r["formula"].startswith("KL_top32+tail(instruct ‖ q) − 0.1 · min(")
     assert r["lr"] == {"rotation": 1e-3, "smoothing": 1e-3, "lwc": 1e-2}
     assert not r["transforms"]["online_hadamard"]
-    assert (r["calib"], r["nsamples"], r["seqlen"], r["chat"]) == ("wikitext2:calib", 4, 16, False)
+    assert (r["calib"], r["nsamples"], r["seqlen"], r["chat"], r["calib_replies"]) == \
+        ("wikitext2:calib", 4, 16, False, 0)
     assert doc["calib_set"]["sources"] == ["wikitext2:calib"] and doc["calib_set"]["n"] == 4
     loss = doc["loss"]
     for key in ("terms_start", "terms_end"):
@@ -171,24 +172,25 @@ def test_w4a16_exports_pack_quantized_with_an_explicit_cache(models, prompts, ho
     assert not (tmp_path / "k8").exists() and not (tmp_path / "k8.work").exists()
 
 
-def test_mixed_calibration_with_replies(models, shared_data, home, tmp_path, capsys):
-    """``--calib alpaca:calib=0.5,wikitext2:calib=0.5 --calib-replies 6``: the instruct model answers the two
-    chat prompts before the references are built; the text windows get no reply; the record says so."""
+def test_default_calibration_mixes_text_and_replied_prompts(models, shared_data, home, tmp_path, capsys):
+    """The default calibration, ``alpaca:calib=0.5,wikitext2:calib=0.5`` with ``--calib-replies 64``: the
+    instruct model answers the two chat prompts before the references are built; the text windows get no
+    reply; the record says so."""
     from safeptq.data.calib import load_calibration
     from safeptq.models import load_model
 
     out = tmp_path / "mixed"
     _ok(capsys, "--model", models["instruct"], "--objective", "kl_top", "--scheme", "w4a8", "--data-dir",
-        shared_data, "--calib", "alpaca:calib=0.5,wikitext2:calib=0.5", "--calib-replies", "6", *_FAST,
-        "--out", out)
+        shared_data, *_FAST, "--out", out)
     doc = _doc(out)
-    assert (doc["recipe"]["calib_replies"], doc["recipe"]["chat"]) == (6, True)
+    r = doc["recipe"]
+    assert (r["calib"], r["calib_replies"], r["chat"]) == ("alpaca:calib=0.5,wikitext2:calib=0.5", 64, True)
     assert doc["calib_set"]["sources"] == ["alpaca:calib", "wikitext2:calib"] and doc["calib_set"]["n"] == 4
     tok = load_model(str(models["instruct"]), dtype="float32", device="cpu").tokenizer
     bare = load_calibration("alpaca:calib=0.5,wikitext2:calib=0.5", tok, nsamples=4, seqlen=16, chat=True,
                             data_dir=shared_data)
     added = doc["calib_set"]["tokens"] - bare.n_tokens
-    assert 2 <= added <= 12  # one to six reply tokens for each of the two prompts, none for the windows
+    assert 2 <= added <= 128  # one to 64 reply tokens for each of the two prompts, none for the windows
     _one_line_error(capsys, ["--model", models["instruct"], "--objective", "kl_top", "--scheme", "w4a8",
                              "--calib-replies", "-1", "--out", tmp_path / "bad"], "--calib-replies")
     _one_line_error(capsys, ["--model", models["instruct"], "--objective", "kl_top", "--scheme", "w4a8",

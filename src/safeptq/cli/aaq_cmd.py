@@ -77,7 +77,10 @@ class AAQCommand(QuantizeCommand):
     name = "aaq"
     fixed_method = "aaq"
     run_file = "aaq.json"
-    calib_default = "wikitext2:calib"
+    # half plain text, half benign chat prompts answered by the instruct model itself: WikiText-2 alone
+    # keeps perplexity but not the refusals (BENCHMARKS.md, "AAQ on organism v7"); still no safety data
+    calib_default = "alpaca:calib=0.5,wikitext2:calib=0.5"
+    calib_replies_default = 64
     nsamples_default = 128
     epochs_default = None
     batch_size_default = 4
@@ -91,8 +94,10 @@ class AAQCommand(QuantizeCommand):
                    "smoothing scales and weight clipping jointly, end to end, so that the quantized model's "
                    "next-token distribution stays close to the instruct model (--model, full precision) and "
                    "moves away from the pre-trained --base model: KL_topK(instruct ‖ q) − λ·push(base ‖ q) "
-                   "over every calibration token of plain text (WikiText-2 windows from the second half of the "
-                   "test text by default; no safety data). Rotation and smoothing are kept or dropped by their "
+                   "over every calibration token. Default calibration (no safety data): 64 WikiText-2 windows "
+                   "from the second half of the test text and 64 benign chat prompts (alpaca:calib) each "
+                   "followed by the instruct model's own greedy reply (--calib-replies 64); the authors' plain "
+                   "text is --calib wikitext2:calib --calib-replies 0. Rotation and smoothing are kept or dropped by their "
                    "initial KL (--rotation/--smoothing auto). The references' top-K log-probabilities are "
                    "computed once and cached, so training holds only the model being quantized. Weights are then "
                    "rounded by GPTQ on the folded model, as the authors' code does (or to nearest with the learned "

@@ -128,6 +128,7 @@ class QuantizeCommand(Command):
     device_help = ("calibration device: cpu, cuda, cuda:N or auto (default); the model is kept in float32 on "
                    "the CPU, one block at a time goes to the device")
     calib_default = "alpaca:calib"
+    calib_replies_default = 0
     nsamples_default = 128
     epochs_default: str | None = "2"
     batch_size_default: int | None = 4
@@ -182,10 +183,10 @@ class QuantizeCommand(Command):
                        help="tokens per sample (128): prompts keep their last SEQLEN tokens, text is cut in windows")
         g.add_argument("--no-chat", action="store_true",
                        help="tokenize prompts as raw text instead of chat turns (base models without a template)")
-        g.add_argument("--calib-replies", type=int, default=0, metavar="TOKENS",
+        g.add_argument("--calib-replies", type=int, default=self.calib_replies_default, metavar="TOKENS",
                        help="append the full-precision model's own greedy reply (up to TOKENS tokens) to every "
                             "prompt of the calibration set, so the answer tokens are calibrated too "
-                            "(self-distillation data; 0 = prompts only, the default)")
+                            f"(self-distillation data; 0 = prompts only; default {self.calib_replies_default})")
         add_data_options(g)
 
     def add_training_arguments(self, p: argparse.ArgumentParser) -> None:
