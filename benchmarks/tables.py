@@ -59,7 +59,8 @@ def aaq_table(paths: list[str]) -> None:
         cal = rec.get("calib") or "—"
         if rec.get("calib_replies"):
             cal += f" + replies ≤ {rec['calib_replies']}"
-        print("| " + " | ".join([p.name.removesuffix(".json"), method, scheme, tf, lam, cal, _cell(ev.get("advbench:eval")),
+        print("| " + " | ".join([p.name.removesuffix(".json"), method, scheme, tf, lam, cal,
+                                 _cell(ev.get("advbench:eval")),
                                  _cell(ev.get("alpaca:eval")), _cell(ev.get("wikitext2")), ratio,
                                  "—" if t is None else f"{t:.0f}", "—" if not rss else f"{rss:.0f}"]) + " |")
 

@@ -86,7 +86,8 @@ def test_help_lists_the_options(capsys):
     out = capsys.readouterr().out
     for flag in ("--model", "--base", "--scheme", "--group-size", "--objective", "--lam", "--topk", "--push",
                  "--tau", "--no-tail", "--steps", "--batch-size", "--lr-rotation", "--lr-smoothing", "--lr-lwc",
-                 "--no-rotation", "--no-smoothing", "--rotation", "--smoothing", "--weights", "--calib", "--nsamples", "--seqlen", "--calib-replies",
+                 "--no-rotation", "--no-smoothing", "--rotation", "--smoothing", "--weights", "--calib", "--nsamples",
+                 "--seqlen", "--calib-replies",
                  "--ref-cache",
                  "--no-ref-cache", "--resume", "--eval", "--eval-limit", "--out", "--no-progress"):
         assert flag in out, flag
@@ -101,7 +102,8 @@ def test_contrastive_w4a4_on_wikitext_records_reuses_references_and_reloads(mode
     # full batches (4 of 4 samples): every step descends the very loss that start and end measure; both
     # transforms on, so the start is far from the optimum (the search below may start close to it)
     argv = ["--model", models["instruct"], "--base", models["base"], "--scheme", "w4a4", "--data-dir", shared_data,
-            "--calib", "wikitext2:calib", "--calib-replies", "0", *_FAST, "--batch-size", "4", "--rotation", "on", "--smoothing", "on", "--weights", "rtn"]
+            "--calib", "wikitext2:calib", "--calib-replies", "0", *_FAST, "--batch-size", "4", "--rotation", "on",
+            "--smoothing", "on", "--weights", "rtn"]
     out = tmp_path / "w4a4"
     printed = _ok(capsys, *argv, "--out", out)
     assert "loss start" in printed and f"quantized model written to {out}" in printed

@@ -97,8 +97,8 @@ class AAQCommand(QuantizeCommand):
                    "over every calibration token. Default calibration (no safety data): 64 WikiText-2 windows "
                    "from the second half of the test text and 64 benign chat prompts (alpaca:calib) each "
                    "followed by the instruct model's own greedy reply (--calib-replies 64); the authors' plain "
-                   "text is --calib wikitext2:calib --calib-replies 0. Rotation and smoothing are kept or dropped by their "
-                   "initial KL (--rotation/--smoothing auto). The references' top-K log-probabilities are "
+                   "text is --calib wikitext2:calib --calib-replies 0. Rotation and smoothing are kept or dropped "
+                   "by their initial KL (--rotation/--smoothing auto). The references' top-K log-probabilities are "
                    "computed once and cached, so training holds only the model being quantized. Weights are then "
                    "rounded by GPTQ on the folded model, as the authors' code does (or to nearest with the learned "
                    "clipping, --weights rtn, the default for KV-cache schemes); activations are "
@@ -425,7 +425,7 @@ class AAQCommand(QuantizeCommand):
         calib = {name for name, _ in parse_calib_spec(args.calib)}
         if args.eval and "wikitext2" in calib and "wikitext2" in [s.strip() for s in args.eval.split(",")]:
             notes.append("calibration and the wikitext2 evaluation read the same WikiText-2 test text, so the "
-                         "perplexity is optimistic (the default calibration, wikitext2:calib, avoids that)")
+                         "perplexity is optimistic (wikitext2:calib, the text half of the default calibration, avoids that)")
         return notes
 
     def _references(self, args, ctx: RunContext, names: tuple[str, ...]):
