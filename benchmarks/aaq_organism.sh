@@ -9,10 +9,11 @@
 #   | aaqg-SCHEME[-lLAMBDA] | kltopg-SCHEME | aaqm-SCHEME[-lLAMBDA] (aaqu: the authors' unbounded push; aaqm: the
 #   margin push; aaqg/kltopg: GPTQ weights
 #   after training),
-#   SCHEME: w4a16 w4a8 w4a4 w4a4kv4 (w4a16 is group 64); a trailing -chat calibrates on alpaca:calib (benign
+#   SCHEME: w4a16 w4a8 w4a4 w4a4kv4 (w4a16 is group 64); without a suffix a run calibrates on WikiText-2 alone
+#   (wikitext2:calib, the authors' choice); a trailing -chat calibrates on alpaca:calib (benign
 #   chat prompts, chat template) instead of WikiText-2 (e.g. aaq-w4a8-chat); a trailing -sd on half WikiText-2
 #   windows, half benign chat prompts each followed by the instruct model's own 64-token greedy reply
-#   (--calib-replies 64: self-distillation data, still no safety data; e.g. aaqg-w4a8-sd);
+#   (--calib-replies 64: self-distillation data, still no safety data; safeptq aaq's default; e.g. aaqg-w4a8-sd);
 #   memory runs (5 steps, no evaluation): mem-kltop, mem-aaq (cached references), mem-live (live references)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +32,8 @@ for r in "${runs[@]}"; do
   scheme=${r#*-}; scheme=${scheme%%-*}
   gs=(); [ "$scheme" = w4a16 ] && gs=(--group-size 64)
   lam=0.1; [[ $r == *-l* ]] && lam=${r##*-l}
-  cal=(); [[ $r == *-chat ]] && { cal=(--calib alpaca:calib); r0=${r%-chat}; lam=0.1; [[ $r0 == *-l* ]] && lam=${r0##*-l}; }
+  cal=(--calib wikitext2:calib --calib-replies 0)  # a run without suffix: the authors' plain-text calibration
+  [[ $r == *-chat ]] && { cal=(--calib alpaca:calib --calib-replies 0); r0=${r%-chat}; lam=0.1; [[ $r0 == *-l* ]] && lam=${r0##*-l}; }
   [[ $r == *-sd ]] && { cal=(--calib alpaca:calib=0.5,wikitext2:calib=0.5 --calib-replies 64); r0=${r%-sd}; lam=0.1
                         [[ $r0 == *-l* ]] && lam=${r0##*-l}; }
   ev=(--eval "$EVAL" --ppl-windows 40 --no-progress)
@@ -42,8 +44,7 @@ for r in "${runs[@]}"; do
     mem-live)  $S aaq --model "$ALI" --base "$BASE" --no-ref-cache "${mem[@]}" ;;
     fp-aligned) $S eval --model "$ALI" --suite "$EVAL" --ppl-windows 40 --out "$d.json" ;;
     rtn-*)   $S quantize --model "$ALI" --method rtn --scheme "$scheme" "${gs[@]}" "${ev[@]}" --out "$d" ;;
-    gptq-*)  [ ${#cal[@]} -eq 0 ] && cal=(--calib wikitext2:calib)
-             $S quantize --model "$ALI" --method gptq --scheme "$scheme" "${gs[@]}" "${cal[@]}" \
+    gptq-*)  $S quantize --model "$ALI" --method gptq --scheme "$scheme" "${gs[@]}" "${cal[@]}" \
                --nsamples 128 --seqlen 128 "${ev[@]}" --out "$d" ;;
     kltopg-*) $S aaq --model "$ALI" --objective kl_top --weights gptq --scheme "$scheme" "${gs[@]}" $AAQ_ARGS "${cal[@]}" --resume "${ev[@]}" --out "$d" ;;
     kltop-*) $S aaq --model "$ALI" --objective kl_top --scheme "$scheme" "${gs[@]}" $AAQ_ARGS "${cal[@]}" --resume "${ev[@]}" --out "$d" ;;

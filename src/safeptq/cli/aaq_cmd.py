@@ -425,7 +425,8 @@ class AAQCommand(QuantizeCommand):
         calib = {name for name, _ in parse_calib_spec(args.calib)}
         if args.eval and "wikitext2" in calib and "wikitext2" in [s.strip() for s in args.eval.split(",")]:
             notes.append("calibration and the wikitext2 evaluation read the same WikiText-2 test text, so the "
-                         "perplexity is optimistic (wikitext2:calib, the text half of the default calibration, avoids that)")
+                         "perplexity is optimistic (wikitext2:calib, the text half of the default calibration, "
+                         "avoids that)")
         return notes
 
     def _references(self, args, ctx: RunContext, names: tuple[str, ...]):
