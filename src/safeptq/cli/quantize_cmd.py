@@ -185,7 +185,8 @@ class QuantizeCommand(Command):
                        help="tokenize prompts as raw text instead of chat turns (base models without a template)")
         g.add_argument("--calib-replies", type=int, default=self.calib_replies_default, metavar="TOKENS",
                        help="append the full-precision model's own greedy reply (up to TOKENS tokens) to every "
-                            "prompt of the calibration set, so the answer tokens are calibrated too "
+                            "prompt of the calibration set (on top of --seqlen), so the answer tokens are "
+                            "calibrated too "
                             f"(self-distillation data; 0 = prompts only; default {self.calib_replies_default})")
         add_data_options(g)
 

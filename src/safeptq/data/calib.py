@@ -181,9 +181,11 @@ def add_responses(calib: CalibSet, model, tokenizer, max_new_tokens: int, batch_
     todo = [i for i, s in enumerate(calib.sources) if s not in text_sources]
     if not todo:
         raise ConfigError("replies need chat prompts in the calibration set; plain text (wikitext2) has none")
+    from ..eval.generation import eos_ids
+
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    eos = tokenizer.eos_token_id
+    eos = set(eos_ids(model, tokenizer))  # the tokenizer's and the generation config's end-of-turn ids
     order = sorted(todo, key=lambda i: len(rows[i]))
     bar = tqdm(total=len(order), desc="calibration replies", unit="sample", disable=not progress)
     for s in range(0, len(order), batch_size):
@@ -195,12 +197,12 @@ def add_responses(calib: CalibSet, model, tokenizer, max_new_tokens: int, batch_
             ids[j, t - len(rows[i]):] = torch.tensor(rows[i])
             mask[j, t - len(rows[i]):] = 1
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+                             max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(eos) or None)
         for j, i in enumerate(idx):
             reply = []
             for tok in out[j, t:].tolist():
                 reply.append(tok)
-                if tok == eos:
+                if tok in eos:
                     break
             rows[i] = rows[i] + reply
         bar.update(len(idx))

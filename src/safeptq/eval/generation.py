@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..data.chat import format_chats
 
-__all__ = ["Generator", "HFGenerator", "VLLMGenerator", "make_generator", "greedy_generate"]
+__all__ = ["Generator", "HFGenerator", "VLLMGenerator", "make_generator", "greedy_generate", "eos_ids"]
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def greedy_generate(model, tokenizer, texts: list[str], max_new_tokens: int = 32
     device = next(model.parameters()).device
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out: list[str | None] = [None] * len(texts)
-    eos = set(_eos_ids(model, tokenizer))
+    eos = set(eos_ids(model, tokenizer))
     pad = tokenizer.pad_token_id
     bar = tqdm(total=len(texts), desc=desc, disable=not progress, unit="prompt")
     old_side = tokenizer.padding_side
@@ -88,7 +88,8 @@ def greedy_generate(model, tokenizer, texts: list[str], max_new_tokens: int = 32
     return out  # type: ignore[return-value]
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a turn: the model's and generation config's EOS, the tokenizer's, ChatML's end."""
     ids = set()
     for src in (getattr(model, "generation_config", None), model.config):
         e = getattr(src, "eos_token_id", None) if src is not None else None
