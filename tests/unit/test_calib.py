@@ -124,7 +124,8 @@ def test_wikitext2_windows(tok, shared_data):
 def test_text_and_prompt_sets_mix(tok, shared_data):
     """``wikitext2=0.5,alpaca:calib=0.5``: the chat rows as the prompt set alone gives them, then the
     text windows as wikitext2 alone gives them, right-padded to one width."""
-    cs = load_calibration("alpaca:calib=0.5,wikitext2=0.5", tok, nsamples=4, seqlen=32, data_dir=shared_data, seed=3)
+    cs = load_calibration("alpaca:calib=0.5,wikitext2=0.5", tok, nsamples=4, seqlen=32, data_dir=shared_data,
+                          seed=3)
     chat = load_calibration("alpaca:calib", tok, nsamples=2, seqlen=32, data_dir=shared_data)
     text = load_calibration("wikitext2", tok, nsamples=2, seqlen=32, data_dir=shared_data, seed=3)
     assert cs.sources == ["alpaca:calib"] * 2 + ["wikitext2"] * 2

@@ -87,9 +87,8 @@ def test_help_lists_the_options(capsys):
     for flag in ("--model", "--base", "--scheme", "--group-size", "--objective", "--lam", "--topk", "--push",
                  "--tau", "--no-tail", "--steps", "--batch-size", "--lr-rotation", "--lr-smoothing", "--lr-lwc",
                  "--no-rotation", "--no-smoothing", "--rotation", "--smoothing", "--weights", "--calib", "--nsamples",
-                 "--seqlen", "--calib-replies",
-                 "--ref-cache",
-                 "--no-ref-cache", "--resume", "--eval", "--eval-limit", "--out", "--no-progress"):
+                 "--seqlen", "--calib-replies", "--ref-cache", "--no-ref-cache", "--resume", "--eval", "--eval-limit",
+                 "--out", "--no-progress"):
         assert flag in out, flag
     assert "--method" not in out and "--epochs" not in out
     assert "not a divergence" in out  # why the tail bin is on by default
