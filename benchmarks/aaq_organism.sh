@@ -31,11 +31,13 @@ for r in "${runs[@]}"; do
   echo "== $r $(date -u +%H:%M:%S)"
   scheme=${r#*-}; scheme=${scheme%%-*}
   gs=(); [ "$scheme" = w4a16 ] && gs=(--group-size 64)
-  lam=0.1; [[ $r == *-l* ]] && lam=${r##*-l}
-  cal=(--calib wikitext2:calib --calib-replies 0)  # a run without suffix: the authors' plain-text calibration
-  [[ $r == *-chat ]] && { cal=(--calib alpaca:calib --calib-replies 0); r0=${r%-chat}; lam=0.1; [[ $r0 == *-l* ]] && lam=${r0##*-l}; }
-  [[ $r == *-sd ]] && { cal=(--calib alpaca:calib=0.5,wikitext2:calib=0.5 --calib-replies 64); r0=${r%-sd}; lam=0.1
-                        [[ $r0 == *-l* ]] && lam=${r0##*-l}; }
+  case $r in  # the calibration suffix; without one, the authors' plain-text calibration
+    *-chat) cal=(--calib alpaca:calib --calib-replies 0) ;;
+    *-sd)   cal=(--calib alpaca:calib=0.5,wikitext2:calib=0.5 --calib-replies 64) ;;
+    *)      cal=(--calib wikitext2:calib --calib-replies 0) ;;
+  esac
+  r0=${r%-chat}; r0=${r0%-sd}
+  lam=0.1; [[ $r0 == *-l* ]] && lam=${r0##*-l}
   ev=(--eval "$EVAL" --ppl-windows 40 --no-progress)
   mem=(--scheme w4a4 --steps 5 --no-progress --out "$d")
   case $r in

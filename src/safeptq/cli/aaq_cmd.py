@@ -251,17 +251,16 @@ class AAQCommand(QuantizeCommand):
                 raise ConfigError(f"{flag} must be positive, got {v}")
         if not 0 <= args.smooth_alpha <= 1:
             raise ConfigError(f"--smooth-alpha must be in [0, 1], got {args.smooth_alpha}")
-        if args.weights == "auto":
-            from ..quant.args import resolve_scheme
+        from ..quant.args import resolve_scheme
 
-            kv = resolve_scheme(args.scheme, group_size=args.group_size).kv_cache is not None
-            args.weights = "rtn" if kv else "gptq"
+        scheme = resolve_scheme(args.scheme, group_size=args.group_size)
+        if args.weights == "auto":
+            args.weights = "rtn" if scheme.kv_cache is not None else "gptq"
         if args.weights == "gptq":
             from ..baselines import llmcompressor as lc
-            from ..quant.args import resolve_scheme
 
             lc.require_llmcompressor()
-            lc.build_recipe("gptq", resolve_scheme(args.scheme, group_size=args.group_size))  # refuses KV schemes
+            lc.build_recipe("gptq", scheme)  # refuses KV schemes
 
     def uses_work_dir(self, args) -> bool:
         return True

@@ -53,18 +53,25 @@ def parse_epochs(value: str) -> int | tuple[int, int]:
 _CALIBRATED = ("omniquant", "realign")  # built-in methods that train per block (work folder, resume)
 
 
+def text_sets(spec: str) -> tuple[list[str], set[str]]:
+    """The set names of a ``--calib`` spec, and those of them that are plain text (``wikitext2``)."""
+    from ..data.calib import parse_calib_spec
+    from ..data.registry import REGISTRY
+
+    names = [name for name, _ in parse_calib_spec(spec)]
+    return names, {n for n in names if n in REGISTRY and REGISTRY[n].kind == "text"}
+
+
 def calib_is_text(spec: str) -> bool:
     """Whether every set of a ``--calib`` spec is plain text (``wikitext2``): no chat turns, so no
     chat template needed. A spec that does not parse answers ``False`` (loading reports it)."""
-    from ..data.calib import parse_calib_spec
-    from ..data.registry import REGISTRY
     from ..errors import SafePTQError
 
     try:
-        names = [name for name, _ in parse_calib_spec(spec)]
+        names, text = text_sets(spec)
     except SafePTQError:
         return False
-    return all(name in REGISTRY and REGISTRY[name].kind == "text" for name in names)
+    return len(text) == len(set(names))
 
 
 def check_size_and_eval_args(args) -> None:
@@ -79,8 +86,10 @@ def check_size_and_eval_args(args) -> None:
         raise ConfigError(f"--eval-limit must be positive, got {args.eval_limit}")
     if args.ppl_windows is not None and args.ppl_windows <= 0:
         raise ConfigError(f"--ppl-windows must be positive, got {args.ppl_windows}")
-    if getattr(args, "calib_replies", 0) < 0:
+    if args.calib_replies < 0:
         raise ConfigError(f"--calib-replies must be non-negative, got {args.calib_replies}")
+    if args.calib_replies and args.calib and calib_is_text(args.calib):
+        raise ConfigError(f"--calib-replies needs chat prompts in --calib; plain text ({args.calib}) has none")
 
 
 @dataclass
@@ -402,7 +411,7 @@ class QuantizeCommand(Command):
                 raise ModelError(f"model {args.model} has no chat template; pass --no-chat to calibrate on raw prompts")
             calib = load_calibration(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, chat=chat,
                                      data_dir=args.data_dir, seed=args.seed)
-            if getattr(args, "calib_replies", 0):
+            if args.calib_replies:
                 calib = self._add_replies(args, lm, calib)
         return RunContext(t0=t0, out=out, work=work, uses_work=uses_work, device=device, lm=lm, scheme=scheme,
                           calib=calib, chat=chat, suites=suites)
@@ -410,10 +419,9 @@ class QuantizeCommand(Command):
     @staticmethod
     def _add_replies(args, lm, calib):
         """``--calib-replies``: the full-precision model answers every calibration prompt (greedy)."""
-        from ..data.calib import add_responses, parse_calib_spec
-        from ..data.registry import REGISTRY
+        from ..data.calib import add_responses
 
-        text = {n for n, _ in parse_calib_spec(args.calib) if n in REGISTRY and REGISTRY[n].kind == "text"}
+        text = text_sets(args.calib)[1]
         t = time.time()
         out = add_responses(calib, lm.model, lm.tokenizer, args.calib_replies, text_sources=text,
                             progress=not args.no_progress)

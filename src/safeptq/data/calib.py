@@ -72,7 +72,7 @@ def build_calib_set(tokenizer, texts: list[str], labels: list[int] | None = None
         s = format_chat(tokenizer, t) if chat else t
         ids = tokenizer(s, add_special_tokens=not chat)["input_ids"]
         rows.append(ids[-seqlen:])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = _pad_id(tokenizer)
     return _rows_to_set(rows, labels, [len(r) - 1 for r in rows],
                         list(sources) if sources else ["user"] * len(texts), pad)
 
@@ -133,15 +133,17 @@ def load_calibration(spec: str, tokenizer, nsamples: int = 128, seqlen: int = 12
         texts += ps.texts[:n]
         labels += [label] * n
         sources += [name] * n
-    parts_ = []
+    parts = []  # prompt rows first (malicious first among them), then text windows
     if texts:
-        parts_.append(build_calib_set(tokenizer, texts, labels, seqlen=seqlen, chat=chat, sources=sources))
+        parts.append(build_calib_set(tokenizer, texts, labels, seqlen=seqlen, chat=chat, sources=sources))
     if windows:
-        ids = torch.tensor([w for w, _ in windows], dtype=torch.long)
-        parts_.append(CalibSet(ids, torch.ones_like(ids), torch.zeros(len(ids), dtype=torch.long),
-                               torch.full((len(ids),), seqlen - 1, dtype=torch.long), [s for _, s in windows]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return parts_[0] if len(parts_) == 1 else _concat(parts_, pad)
+        parts.append(_rows_to_set([w for w, _ in windows], [BENIGN] * len(windows), [seqlen - 1] * len(windows),
+                                  [s for _, s in windows], _pad_id(tokenizer)))
+    return parts[0] if len(parts) == 1 else _concat(parts, _pad_id(tokenizer))
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def _rows_to_set(rows: list[list[int]], labels: list[int], last_idx: list[int], sources: list[str],
@@ -184,7 +186,7 @@ def add_responses(calib: CalibSet, model, tokenizer, max_new_tokens: int, batch_
     from ..eval.generation import eos_ids
 
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = _pad_id(tokenizer)
     eos = set(eos_ids(model, tokenizer))  # the tokenizer's and the generation config's end-of-turn ids
     order = sorted(todo, key=lambda i: len(rows[i]))
     bar = tqdm(total=len(order), desc="calibration replies", unit="sample", disable=not progress)
