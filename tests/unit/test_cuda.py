@@ -114,3 +114,51 @@ def test_greedy_generation_on_cuda_matches_cpu(tiny_model_dir):
     cpu = greedy_generate(lm.model, lm.tokenizer, texts, max_new_tokens=8, batch_size=2, progress=False)
     gpu = greedy_generate(lm.model.cuda(), lm.tokenizer, texts, max_new_tokens=8, batch_size=2, progress=False)
     assert gpu == cpu
+
+
+def test_blockwise_bf16_autocast_on_cuda_tracks_fp32():
+    """Issue 22: bf16 autocast for the training matmuls keeps the block losses and the quantized model
+    close to plain float32 on the same device."""
+    x = ids()
+    fp = logits(make_tiny_llama(), x)
+    out = {}
+    for precision in ("fp32", "tf32", "bf16"):
+        model = make_tiny_llama()
+        cfg = BlockwiseConfig(scheme=resolve_scheme("w4a8"), epochs=3, device="cuda", precision=precision)
+        res = calibrate_blockwise(model, _calib(), MSE(), cfg, progress=False)
+        assert _on_cpu(model) and all(p.dtype == torch.float32 for p in model.parameters())
+        out[precision] = (rel_err(fp, logits(model, x)), [b["loss_last"] for b in res.blocks])
+    for precision in ("tf32", "bf16"):
+        err, losses = out[precision]
+        assert err <= 1.5 * out["fp32"][0] + 1e-3, out
+        assert losses == pytest.approx(out["fp32"][1], rel=0.3), out
+
+
+def _deep_pair(layers: int = 6):
+    models = {}
+    for seed, name in ((0, "instruct"), (1, "base")):
+        m = make_tiny_llama(hidden=256, intermediate=512, layers=layers, heads=4, kv_heads=4, tie=False, seed=seed)
+        with torch.no_grad():
+            m.lm_head.weight.mul_(8)
+        models[name] = m
+    return models
+
+
+def test_end_to_end_checkpointing_on_cuda_is_exact_and_saves_memory():
+    calib = _calib(n=8, t=256)
+    models = _deep_pair()
+    refs = ReferenceCache.build(models, calib, 64, dtype=torch.float32, progress=False)
+    peaks, losses = {}, {}
+    for ckpt in (False, True):
+        model = _deep_pair()["instruct"].to(torch.bfloat16)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        res = calibrate_end_to_end(model, calib, ContrastiveKLTop(k=64), refs,
+                                   E2EConfig(scheme="w4a4", steps=3, batch_size=8, device="cuda", precision="bf16",
+                                             checkpointing=ckpt), progress=False)
+        peaks[ckpt] = torch.cuda.max_memory_allocated()
+        losses[ckpt] = res.losses
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+        assert res.fold_rel_err < 2e-2
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+    assert peaks[True] < 0.8 * peaks[False], peaks

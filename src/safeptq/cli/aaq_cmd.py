@@ -88,7 +88,8 @@ class AAQCommand(QuantizeCommand):
     work_files = ("e2e_state.pt", "e2e_state.pt.tmp")
     work_dirs = (FOLDED,)
     device_help = ("device of the reference models and of the training (cpu, cuda, cuda:N or auto, the "
-                   "default): the whole model goes there in float32 while training")
+                   "default): the whole model goes there while training, in float32 or, with --precision bf16, "
+                   "in its own bf16 weights")
     help = "AAQ: quantize an instruct model end to end with a contrastive KL (pull to instruct, push from base)"
     description = ("Alignment-Aware Quantization (arXiv 2511.07842): learn a residual-stream rotation, "
                    "smoothing scales and weight clipping jointly, end to end, so that the quantized model's "
@@ -186,6 +187,10 @@ class AAQCommand(QuantizeCommand):
                             "the learned clipping (as the authors' code does; needs safeptq[baselines]); rtn = round "
                             "to nearest with the learned clipping; auto (default) = gptq, except rtn for KV-cache "
                             "schemes (llm-compressor's GPTQ does not take safeptq's KV quantizer)")
+        g.add_argument("--checkpointing", default="auto", choices=("auto", "on", "off"),
+                       help="recompute each decoder layer's activations in the backward pass (memory grows "
+                            "with one layer instead of the depth, at about one more forward per step); "
+                            "auto (default) = on with CUDA, off on a CPU")
         g.add_argument("--save-every", type=int, default=20,
                        help="checkpoint the transforms every N steps into the work folder (20; 0 = at the end)")
         self.add_resume_arguments(g, "end-to-end checkpoint")
@@ -313,13 +318,16 @@ class AAQCommand(QuantizeCommand):
     def calibrate(self, args: argparse.Namespace, ctx: RunContext) -> Calibrated:
         from ..memory import phase_peak
         from ..quant.e2e import E2EConfig, calibrate_end_to_end, choose_transforms
+        from ..quant.precision import resolve_precision
 
         lm, calib, scheme = ctx.lm, ctx.calib, ctx.scheme
         objective = self.make_objective(args, lm, calib, ctx.device)
         cfg = E2EConfig(scheme=scheme, steps=args.steps, batch_size=args.batch_size, lr_rotation=args.lr_rotation,
                         lr_smoothing=args.lr_smoothing, lr_lwc=args.lr_lwc, rotation=args.rotation != "off",
                         online_hadamard=False, smoothing=args.smoothing != "off", smooth_alpha=args.smooth_alpha,
-                        lwc=not args.no_lwc, save_every=args.save_every, seed=args.seed, device=str(ctx.device))
+                        lwc=not args.no_lwc, save_every=args.save_every, seed=args.seed, device=str(ctx.device),
+                        precision=resolve_precision(args.precision, ctx.device),
+                        checkpointing=self._checkpointing(args, ctx.device))
         notes = self._notes(args, scheme)
         for n in notes:
             log.warning("%s", n)
@@ -374,6 +382,7 @@ class AAQCommand(QuantizeCommand):
                         "llm-compressor GPTQ on the folded model (learned clipping not used)"),
             "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "chat": ctx.chat,
             "calib_replies": args.calib_replies, "seed": args.seed,
+            "dtype": args.dtype, "precision": cfg.precision, "checkpointing": cfg.checkpointing,
         }
         record = {
             "references": ref_info,
@@ -387,6 +396,10 @@ class AAQCommand(QuantizeCommand):
         }
         return Calibrated(model=model, report=report, recipe=recipe, config=cfg.fingerprint(),
                           quant_s=sum(p["wall_time_s"] for p in phases.values()), record=record)
+
+    @staticmethod
+    def _checkpointing(args, device) -> bool:
+        return args.checkpointing == "on" or (args.checkpointing == "auto" and device.type == "cuda")
 
     @staticmethod
     def _gptq_weights(ctx: RunContext):
@@ -446,7 +459,7 @@ class AAQCommand(QuantizeCommand):
             ids["base"] = reference_model_id(resolve_model(args.base)[0])
 
         def base_model():
-            return load_model(args.base, dtype="float32", device=str(device)).model
+            return load_model(args.base, dtype=args.dtype, device=str(device)).model
 
         if args.no_ref_cache:
             models = {"instruct": copy.deepcopy(lm.model).to(device)}

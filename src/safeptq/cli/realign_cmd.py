@@ -140,7 +140,7 @@ class RealignCommand(QuantizeCommand):
         else:
             spec = ProbeSpec(seqlen=args.seqlen, chat=not args.no_chat, C=args.probe_c, seed=args.seed)
             if args.probe_model:
-                ref = load_model(args.probe_model, dtype="float32", device=device)
+                ref = load_model(args.probe_model, dtype=args.dtype, device=device)
                 probes, where = get_probes(ref.model, ref.tokenizer, ref.path, spec, data_dir=args.data_dir,
                                            progress=not args.no_progress)
                 if args.malicious_target == "state":

@@ -50,6 +50,7 @@ from safeptq.objectives.base import E2EObjective
 from safeptq.objectives.references import References
 from safeptq.quant.args import Scheme, resolve_scheme
 from safeptq.quant.engine import _save_atomic, check_architecture, finish_layer, peak_memory_mb
+from safeptq.quant.precision import PRECISIONS, forward_precision, is_low_precision, step_precision
 from safeptq.quant.qlinear import (
     LLAMA_LINEARS,
     QuantLinear,
@@ -82,7 +83,10 @@ __all__ = ["E2EConfig", "E2EResult", "E2ETransforms", "prepare_end_to_end", "fol
 log = logging.getLogger(__name__)
 
 FOLD_TOLERANCE = 1e-3
-"""Largest relative change of the full-precision logits that folding may cause before it is an error."""
+"""Largest relative change of the full-precision logits that folding may cause before it is an error
+(float32 weights; bf16/fp16 weights round every folded value, see :data:`FOLD_TOLERANCE_LOW`)."""
+FOLD_TOLERANCE_LOW = 2e-2
+"""The same bound for weights stored in bfloat16/float16 (unit roundoff 2**-8 for bf16)."""
 _STATE = "e2e_state.pt"
 
 
@@ -104,8 +108,16 @@ class E2EConfig:
     save_every: int = 20  # checkpoint every N steps (with a work dir; 0 = only at the end)
     seed: int = 0
     device: str | None = None
+    # matrix products (safeptq.quant.precision): with bf16 the frozen weights also stay in the model's
+    # own bf16/fp16 while training (half the memory); transforms, LWC and optimizer state stay float32
+    precision: str = "fp32"
+    # recompute each decoder layer's activations in the backward pass instead of keeping them: memory
+    # for the backward grows with one layer, not with the depth, at the cost of a second forward
+    checkpointing: bool = False
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if isinstance(self.scheme, str):
             self.scheme = resolve_scheme(self.scheme)
         for name in ("steps", "save_every"):
@@ -131,7 +143,7 @@ class E2EConfig:
         """What a checkpoint depends on (steps, save_every and device may change on resume)."""
         d = asdict(self)
         d["scheme"] = self.scheme.model_dump(mode="json")
-        for k in ("steps", "save_every", "device"):
+        for k in ("steps", "save_every", "device", "checkpointing"):
             d.pop(k)
         return d
 
@@ -290,11 +302,20 @@ def _batch_index(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
-def _terms(model, calib: CalibSet, objective: E2EObjective, refs: References, idx: torch.Tensor, device) -> dict:
+def _train_dtype(cfg: E2EConfig, dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the frozen weights while training: the model's own bf16/fp16 under ``bf16``
+    precision, float32 otherwise."""
+    return dtype if cfg.precision == "bf16" and is_low_precision(dtype) else torch.float32
+
+
+def _terms(model, calib: CalibSet, objective: E2EObjective, refs: References, idx: torch.Tensor, device,
+           precision: str = "fp32") -> dict:
     ids = calib.input_ids[idx]
     batch_refs = refs.batch(idx, ids).to(device)
-    logits = model(input_ids=ids.to(device), use_cache=False).logits
-    return objective.terms(logits, batch_refs, calib.attention_mask[idx].to(device))
+    with forward_precision(precision, device):
+        logits = model(input_ids=ids.to(device), use_cache=False).logits
+    # the objective (log-softmax, KL) in float32, outside autocast
+    return objective.terms(logits.float(), batch_refs, calib.attention_mask[idx].to(device))
 
 
 @torch.no_grad()
@@ -305,10 +326,10 @@ def initial_kl(model: nn.Module, calib: CalibSet, objective: E2EObjective, refs:
     right after :func:`prepare_end_to_end`, on a copy (``model`` is left untouched). Measuring the
     pull term alone makes the choice the same for every objective on the same instruct model."""
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    m = copy.deepcopy(model).to(device, torch.float32)
+    m = copy.deepcopy(model).to(device, _train_dtype(cfg, next(model.parameters()).dtype))
     prepare_end_to_end(m, calib, cfg)
     idx = _batch_index(0, len(calib), cfg.batch_size, cfg.seed)
-    terms = _terms(m, calib, objective, refs, idx, device)
+    terms = _terms(m, calib, objective, refs, idx, device, cfg.precision)
     del m
     return float(terms.get("kl_instruct", terms["loss"]))
 
@@ -383,7 +404,7 @@ def calibrate_end_to_end(model: nn.Module, calib: CalibSet, objective: E2EObject
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     fp = _fingerprint(model, calib, objective, refs, cfg)
-    model.to(device, torch.float32)
+    model.to(device, _train_dtype(cfg, orig_dtype))
     transforms = prepare_end_to_end(model, calib, cfg)
     named, groups = _named_trainables(model, transforms, cfg)
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay) if groups else None
@@ -416,12 +437,17 @@ def calibrate_end_to_end(model: nn.Module, calib: CalibSet, objective: E2EObject
     first_idx = _batch_index(0, len(calib), cfg.batch_size, cfg.seed)
     steps = cfg.steps if opt is not None else 0
     bar = tqdm(total=steps, initial=min(start, steps), desc="calibrate end-to-end", unit="step", disable=not progress)
+    if cfg.checkpointing:
+        # transformers' per-layer checkpointing (non-reentrant: only the transforms need gradients); it
+        # acts in training mode only, and these decoders have no dropout, so train() changes nothing else
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
     try:
         for step in range(start, steps):
             ts = time.time()
             idx = _batch_index(step, len(calib), cfg.batch_size, cfg.seed)
-            with torch.enable_grad():
-                terms = _terms(model, calib, objective, refs, idx, device)
+            with torch.enable_grad(), step_precision(cfg.precision, device):
+                terms = _terms(model, calib, objective, refs, idx, device, cfg.precision)
                 loss = terms["loss"]
                 if not torch.isfinite(loss):
                     raise CalibrationError(f"end-to-end step {step}: the loss became {loss.item()}; lower the "
@@ -443,11 +469,15 @@ def calibrate_end_to_end(model: nn.Module, calib: CalibSet, objective: E2EObject
                 on_step(rec)
     finally:
         bar.close()
+        if cfg.checkpointing:
+            model.eval()
+            model.gradient_checkpointing_disable()
 
     for p in named.values():
         p.requires_grad_(False)
     with torch.no_grad():
-        terms_end = {k: float(v) for k, v in _terms(model, calib, objective, refs, first_idx, device).items()}
+        terms_end = {k: float(v) for k, v in
+                     _terms(model, calib, objective, refs, first_idx, device, cfg.precision).items()}
         loss_end = terms_end["loss"]
         if loss_start is None:
             loss_start = loss_end
@@ -460,7 +490,8 @@ def calibrate_end_to_end(model: nn.Module, calib: CalibSet, objective: E2EObject
         after = model(input_ids=probe, use_cache=False).logits
         set_quantizers_enabled(model, True)
         fold_err = _rel_err(before, after)
-        if fold_err > FOLD_TOLERANCE:
+        tol = FOLD_TOLERANCE_LOW if is_low_precision(next(model.parameters()).dtype) else FOLD_TOLERANCE
+        if fold_err > tol:
             raise CalibrationError(f"folding the learned transforms changed the full-precision logits by "
                                    f"{fold_err:.2e} (relative); the transforms are ill-conditioned")
         qparams = finalize_model(model, cfg.scheme) if finalize else {}

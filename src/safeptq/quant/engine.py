@@ -35,6 +35,7 @@ from safeptq.errors import CalibrationError, ConfigError
 from safeptq.objectives.base import BlockBatch, BlockObjective
 from safeptq.quant.args import Scheme
 from safeptq.quant.deploy import attach_act_quant
+from safeptq.quant.precision import PRECISIONS, forward_precision, step_precision
 from safeptq.quant.qlinear import LLAMA_LINEARS, QuantLinear, unwrap_decoder_layer, wrap_decoder_layer
 from safeptq.quant.quantizer import QuantizedWeight, lwc_parameters
 from safeptq.quant.rotation import decoder_parts
@@ -70,8 +71,13 @@ class BlockwiseConfig:
     min_delta: float = 0.01
     device: str | None = None
     seed: int = 0
+    # matrix products of the training steps (safeptq.quant.precision): fp32 | tf32 | bf16; the
+    # learnable parameters, the block's weights while it trains and both streams stay float32
+    precision: str = "fp32"
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         eps = self.epochs if isinstance(self.epochs, tuple) else (self.epochs,)
         if any(int(e) < 0 for e in eps):
             raise ConfigError(f"epochs must be non-negative, got {self.epochs}")
@@ -253,16 +259,19 @@ def _train_block(i: int, layer, smoothing, q_inps, fp_out, calib: CalibSet, kwar
         perm = torch.randperm(n, generator=gen)
         total = 0.0
         for idx in perm.split(cfg.batch_size):
-            out = _layer_out(layer(q_inps[idx].to(device), **kwargs))
-            batch = BlockBatch(i, out, fp_out[idx].to(device), calib.attention_mask[idx].to(device),
-                               calib.labels[idx].to(device), calib.last_idx[idx].to(device), idx)
-            loss = objective(batch).mean()
-            if not torch.isfinite(loss):
-                raise CalibrationError(f"block {i}: the loss became {loss.item()} in epoch {ep}; lower the "
-                                       "learning rates (--lr-lwc / --lr-let)")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            with step_precision(cfg.precision, device):
+                with forward_precision(cfg.precision, device):
+                    out = _layer_out(layer(q_inps[idx].to(device), **kwargs))
+                # the objective (MSE, probe scores) in float32, outside autocast
+                batch = BlockBatch(i, out.float(), fp_out[idx].to(device), calib.attention_mask[idx].to(device),
+                                   calib.labels[idx].to(device), calib.last_idx[idx].to(device), idx)
+                loss = objective(batch).mean()
+                if not torch.isfinite(loss):
+                    raise CalibrationError(f"block {i}: the loss became {loss.item()} in epoch {ep}; lower the "
+                                           "learning rates (--lr-lwc / --lr-let)")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
             total += loss.item() * len(idx)
         losses.append(total / n)
         if bar is not None:

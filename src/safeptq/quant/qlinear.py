@@ -97,8 +97,12 @@ class QuantLinear(nn.Module):
         return [k for k, _ in self._transforms]
 
     def effective_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(W, b) after all transforms, before weight quantization."""
+        """(W, b) after all transforms, before weight quantization. Low-precision (bf16/fp16)
+        stored weights are read in float32: transforms and quantizers work on float32 values."""
         w, b = self.linear.weight, self.linear.bias
+        if w.dtype in (torch.bfloat16, torch.float16):
+            w = w.float()
+            b = None if b is None else b.float()
         for _, fn in self._transforms:
             w, b = fn(w, b)
         return w, b
