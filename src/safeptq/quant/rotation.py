@@ -294,10 +294,13 @@ class CayleyRotation(nn.Module):
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        a = self.weight.to(dtype)
-        s = a - a.T
-        eye = torch.eye(a.shape[0], dtype=dtype, device=a.device)
-        r = self.q0.to(dtype) @ torch.linalg.solve(eye - s, eye + s)
+        # in ``dtype`` even inside autocast (bf16 training): an autocast product here would return, and
+        # cache under this float32 key, a bf16 matrix
+        with torch.autocast(device_type=self.weight.device.type, enabled=False):
+            a = self.weight.to(dtype)
+            s = a - a.T
+            eye = torch.eye(a.shape[0], dtype=dtype, device=a.device)
+            r = self.q0.to(dtype) @ torch.linalg.solve(eye - s, eye + s)
         self._cache = {key: r}
         return r
 
