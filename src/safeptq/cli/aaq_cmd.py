@@ -397,6 +397,20 @@ class AAQCommand(QuantizeCommand):
         return Calibrated(model=model, report=report, recipe=recipe, config=cfg.fingerprint(),
                           quant_s=sum(p["wall_time_s"] for p in phases.values()), record=record)
 
+    def make_plan(self, args, shape, device):
+        from ..plan import plan_end_to_end
+        from ..quant.args import resolve_scheme
+        from ..quant.precision import resolve_precision
+
+        scheme = resolve_scheme(args.scheme, group_size=args.group_size)
+        bits = scheme.weights.num_bits if scheme.weights is not None else 16
+        return plan_end_to_end(shape, dtype=args.dtype, device=str(device), nsamples=args.nsamples,
+                               seqlen=args.seqlen + args.calib_replies, batch_size=args.batch_size,
+                               steps=args.steps, weight_bits=bits,
+                               precision=resolve_precision(args.precision, device),
+                               checkpointing=self._checkpointing(args, device), topk=args.topk,
+                               n_references=2 if args.base and args.objective != "kl_top" else 1)
+
     @staticmethod
     def _checkpointing(args, device) -> bool:
         return args.checkpointing == "on" or (args.checkpointing == "auto" and device.type == "cuda")

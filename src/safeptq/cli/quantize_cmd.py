@@ -188,6 +188,10 @@ class QuantizeCommand(Command):
         g.add_argument("--precision", default="auto", choices=("auto", "fp32", "tf32", "bf16"),
                        help="matrix products of the training steps: fp32, tf32 (CUDA) or bf16 autocast "
                             "(auto = bf16 on CUDA, fp32 on a CPU); learnable parameters stay float32")
+        g.add_argument("--max-memory", default=None, metavar="SIZE",
+                       help="override the memory check made before loading: host=SIZE,device=SIZE (e.g. "
+                            "host=64GiB,device=70GiB), SIZE for the host only, or none; default: what the machine "
+                            "has (the plan is printed either way)")
 
     def add_calib_arguments(self, p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("calibration data" + (" (not used by rtn)" if self.fixed_method is None else ""))
@@ -391,6 +395,7 @@ class QuantizeCommand(Command):
 
         torch.manual_seed(args.seed)
         args.dtype = str(pick_dtype(args.dtype, device)).removeprefix("torch.")
+        self._plan = self._memory_plan(args, device)
         lm = load_model(args.model, dtype=args.dtype, device="cpu")
         if (Path(lm.path) / SIDE_FILE).exists():
             raise ModelError(f"{args.model} is already a safeptq quantized export; quantize the original model")
@@ -425,6 +430,46 @@ class QuantizeCommand(Command):
                 calib = self._add_replies(args, lm, calib)
         return RunContext(t0=t0, out=out, work=work, uses_work=uses_work, device=device, lm=lm, scheme=scheme,
                           calib=calib, chat=chat, suites=suites)
+
+    def _memory_plan(self, args, device):
+        """Print the run's memory and time plan from the model's config and refuse one that cannot fit
+        (before any weight is loaded); ``None`` where the config cannot be read without loading."""
+        from transformers import AutoConfig
+
+        from ..models import resolve_model
+        from ..plan import machine_memory_mb, model_shape, parse_max_memory
+
+        path, gguf = resolve_model(args.model)
+        try:
+            cfg = AutoConfig.from_pretrained(path, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(path)
+            shape = model_shape(cfg)
+        except Exception as e:  # noqa: BLE001 - an unknown config: the load below reports it properly
+            log.warning("no memory plan for %s (%s)", args.model, str(e).splitlines()[0] if str(e) else e)
+            return None
+        plan = self.make_plan(args, shape, device)
+        log.info("%s", plan.describe())
+        limits = parse_max_memory(args.max_memory)
+        plan.check(limits if limits is not None else machine_memory_mb(str(device)))
+        return plan
+
+    def make_plan(self, args, shape, device):
+        """The memory plan of this command's method (see :mod:`safeptq.plan`)."""
+        from ..plan import plan_blockwise
+        from ..quant.args import resolve_scheme
+
+        scheme = resolve_scheme(args.scheme, group_size=args.group_size)
+        bits = scheme.weights.num_bits if scheme.weights is not None else 16
+        calibrated = args.method in _CALIBRATED
+        return plan_blockwise(shape, dtype=args.dtype, device=str(device), nsamples=args.nsamples if calibrated else 0,
+                              seqlen=args.seqlen, batch_size=args.batch_size or 1,
+                              epochs=parse_epochs(args.epochs) if calibrated else 0, weight_bits=bits,
+                              probe_model=self.plan_probe_model(args), separability=self.plan_separability(args))
+
+    def plan_probe_model(self, args) -> bool:
+        return False
+
+    def plan_separability(self, args) -> bool:
+        return False
 
     @staticmethod
     def _add_replies(args, lm, calib):
@@ -534,6 +579,7 @@ class QuantizeCommand(Command):
             "quantize_time_s": round(cal.quant_s, 1),
             "peak_rss_mb": round(rss, 1),
             "peak_accel_mb": None if acc is None else round(acc, 1),
+            "memory_plan": self._plan.as_dict() if getattr(self, "_plan", None) is not None else None,
             "calibration": {k: v for k, v in report.items() if k != "qparams"},
             "export": {"path": str(out), "format": info.get("format"), "fake_quant": info.get("fake_quant"),
                        "bits_per_weight": verify.get("bits_per_weight")},

@@ -127,6 +127,12 @@ class RealignCommand(QuantizeCommand):
             s = args.malicious_share
             args.calib = f"advbench:calib={s:g},alpaca:calib={1 - s:g}"
 
+    def plan_probe_model(self, args) -> bool:
+        return bool(args.probe_model) or not args.probes
+
+    def plan_separability(self, args) -> bool:
+        return args.sep_limit > 0
+
     def make_objective(self, args, lm, calib, device):
         from ..models import load_model
         from ..objectives import ProbePush
