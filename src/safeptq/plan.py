@@ -6,8 +6,8 @@ the run (load, probes, calibration, export with its reload check) is then a sum 
 code holds at that point:
 
 - block-wise engine (``quantize --method omniquant``, ``realign``): the model in ``--dtype`` on the
-  host; the two calibration streams and the block targets on the host in float32
-  (``3 x N x T x hidden x 4`` bytes); on the calibration device one block in float32 with its
+  host; the two calibration streams (updated in place; the full-precision one also holds the block's
+  targets) on the host in float32 (``2 x N x T x hidden x 4`` bytes) or in memory-mapped files; on the calibration device one block in float32 with its
   fake-quantized and transformed copies and gradients (about 4 copies) and a batch's activations;
   the probe model (``realign --probe-model``) and the separability pass hold a whole model on the
   device;
@@ -133,12 +133,15 @@ def _export_mb(s: ModelShape, wbytes: int, bits: float) -> float:
 
 def plan_blockwise(s: ModelShape, *, dtype: str, device: str, nsamples: int, seqlen: int, batch_size: int,
                    epochs: int | tuple[int, int], weight_bits: float, probe_model: bool = False,
-                   separability: bool = False) -> MemoryPlan:
-    """Block-wise engine (OmniQuant / Q-realign scope)."""
+                   separability: bool = False, stream_budget_mb: float | None = None) -> MemoryPlan:
+    """Block-wise engine (OmniQuant / Q-realign scope); streams above ``stream_budget_mb`` are
+    memory-mapped files (page cache the kernel can evict), not counted."""
     wb = _bytes(dtype)
     on_gpu = torch.device(device).type == "cuda"
     model_mb = s.params * wb / MB
-    streams_mb = 3 * nsamples * seqlen * s.hidden * 4 / MB
+    streams_mb = 2 * nsamples * seqlen * s.hidden * 4 / MB  # updated in place, block after block
+    if stream_budget_mb is not None and streams_mb > stream_budget_mb:
+        streams_mb = 0.0
     tokens = batch_size * seqlen
     act_mb = tokens * (ACT_FLOATS_PER_TOKEN[0] * s.hidden + ACT_FLOATS_PER_TOKEN[1] * s.intermediate) * 4 / MB
     block_mb = COPIES_TRAINED_BLOCK * s.layer_params * 4 / MB + act_mb

@@ -62,7 +62,14 @@ class EvalCommand(Command):
                        help="generate all --max-new-tokens even after a refusal phrase (the keyword verdict is "
                             "the same; by default a refusing answer stops at its first refusal phrase)")
         g.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm"],
-                       help="generation backend: vllm when installed with a GPU, else transformers")
+                       help="generation backend: vllm when installed with a GPU (not for fake-quant exports "
+                            "with activation/KV quantization), else transformers")
+        g.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                       help="vLLM: GPUs to shard over (1)")
+        g.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
+                       help="vLLM: fraction of GPU memory it may take, 0-1 (vLLM's default 0.9)")
+        g.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
+                       help="vLLM: context length to reserve KV cache for (default: the model's)")
         g.add_argument("--no-chat-template", action="store_true", help="feed raw prompts (base models)")
         g = p.add_argument_group("output")
         g.add_argument("--out", default=None, help="write results JSON here (samples go to OUT.samples.jsonl)")
@@ -77,6 +84,15 @@ class EvalCommand(Command):
         suites = parse_suites(args.suite)
         if args.limit is not None and args.limit <= 0:
             raise ConfigError(f"--limit must be positive, got {args.limit}")
+        for flag in ("tensor_parallel_size", "max_model_len"):
+            if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+                raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+        if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization <= 1:
+            raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+        if args.backend == "vllm":  # refuse before the model is loaded, not after
+            from ..eval.generation import check_vllm_folder
+            from ..models import resolve_model
+            check_vllm_folder(resolve_model(args.model)[0])
         lm = load_model(args.model, dtype=args.dtype, device=args.device)
         if not args.no_chat_template:
             require_chat_template(lm.tokenizer, args.model)
@@ -90,7 +106,10 @@ class EvalCommand(Command):
             cfg.judge = _classifier_judge(args.judge)
             judge_info = args.judge
         gen = make_generator(lm.model, lm.tokenizer, args.backend, model_path=lm.path,
-                             batch_size=args.batch_size, progress=not args.no_progress)
+                             batch_size=args.batch_size, progress=not args.no_progress,
+                             restore_model=_needs_hf_model(suites, args.margin),
+                             tensor_parallel_size=args.tensor_parallel_size,
+                             gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len)
         t0 = time.time()
         results = evaluate(lm.model, lm.tokenizer, suites, cfg, generator=gen)
         samples = pop_samples(results)
@@ -107,6 +126,22 @@ class EvalCommand(Command):
                 write_samples(Path(str(out)).with_suffix(".samples.jsonl"), samples)
             print(f"results written to {out}")
         return 0
+
+
+def _needs_hf_model(suites: list[str], margin: bool) -> bool:
+    """Whether the transformers model scores anything itself (perplexity, refusal margins, label
+    choice): if not, it can stay off the GPU while vLLM generates."""
+    from ..data.registry import REGISTRY
+    from ..eval.tasks import TASKS
+
+    if margin:
+        return True
+    for name in suites:
+        spec = REGISTRY.get(name)  # None: a user file of harmful/benign prompts, generation only
+        task = TASKS.get(name.split(":")[0]) if spec is not None and spec.kind == "task" else None
+        if (spec is not None and spec.kind == "text") or (task is not None and task.labels is not None):
+            return True
+    return False
 
 
 def _classifier_judge(spec: str):

@@ -136,7 +136,7 @@ class QuantizeCommand(Command):
     run_file = RUN_FILE
     # what the calibration engine may leave in the work folder (anything else there: refuse it)
     work_files: tuple[str, ...] = ("state.pt", "state.pt.tmp")
-    work_dirs: tuple[str, ...] = ("blocks",)
+    work_dirs: tuple[str, ...] = ("blocks", "streams")
     device_help = ("calibration device: cpu, cuda, cuda:N or auto (default); the model stays on the CPU in "
                    "--dtype, one block at a time goes to the device")
     calib_default = "alpaca:calib"
@@ -230,6 +230,9 @@ class QuantizeCommand(Command):
                             f"lever for objectives that must change behaviour, e.g. realign; {self._default_text('train_norms')})")
         g.add_argument("--lr-norm", type=float, default=None,
                        help=f"learning rate of the norm gains ({self._default_text('lr_norm')})")
+        g.add_argument("--stream-budget", type=float, default=None, metavar="MIB",
+                       help="RAM for the two calibration streams (float32, 2 x N x T x hidden); above it they go to "
+                            "memory-mapped files in the work folder (default: always in RAM)")
         g.add_argument("--let-alpha", type=float, default=0.5,
                        help="SmoothQuant migration strength that initialises the smoothing scales (0.5)")
         self.add_resume_arguments(g, "per-block checkpoint")
@@ -337,8 +340,9 @@ class QuantizeCommand(Command):
         for name in cls.work_dirs:
             sub = work / name
             if sub.is_dir():
-                for f in sub.glob("*.pt*"):
-                    f.unlink(missing_ok=True)
+                for pattern in ("*.pt*", "*.f32"):
+                    for f in sub.glob(pattern):
+                        f.unlink(missing_ok=True)
         for name in cls.work_files:
             (work / name).unlink(missing_ok=True)
         for d in [work / name for name in cls.work_dirs] + [work]:
@@ -463,7 +467,8 @@ class QuantizeCommand(Command):
         return plan_blockwise(shape, dtype=args.dtype, device=str(device), nsamples=args.nsamples if calibrated else 0,
                               seqlen=args.seqlen, batch_size=args.batch_size or 1,
                               epochs=parse_epochs(args.epochs) if calibrated else 0, weight_bits=bits,
-                              probe_model=self.plan_probe_model(args), separability=self.plan_separability(args))
+                              probe_model=self.plan_probe_model(args), separability=self.plan_separability(args),
+                              stream_budget_mb=args.stream_budget)
 
     def plan_probe_model(self, args) -> bool:
         return False
@@ -501,7 +506,8 @@ class QuantizeCommand(Command):
                                   epochs=epochs, batch_size=args.batch_size, lr_lwc=args.lr_lwc,
                                   lr_let=args.lr_let, train_norms=args.train_norms, lr_norm=args.lr_norm,
                                   device=str(device), seed=args.seed,
-                                  precision=resolve_precision(args.precision, device))
+                                  precision=resolve_precision(args.precision, device),
+                                  stream_budget_mb=args.stream_budget)
         recipe = {"method": args.method, "scheme": scheme.name, "group_size": args.group_size,
                   "calib": args.calib if calib is not None else None,
                   "nsamples": args.nsamples if calib is not None else None,

@@ -2,20 +2,26 @@
 
 The transformers backend runs a lean greedy loop (prefill keeping only the last logits, then one
 token per step over the KV cache); on CPU it is markedly faster than ``model.generate`` and gives
-the same tokens. A vLLM backend is used when vLLM is installed and a GPU is present.
+the same tokens. A vLLM backend is used when vLLM is installed and a GPU is present; it is given the
+token ids the transformers backend would see, never text it would tokenize again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import json
 import logging
-from typing import Callable, Protocol
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from ..data.chat import format_chats
 
-__all__ = ["Generator", "HFGenerator", "VLLMGenerator", "make_generator", "greedy_generate", "eos_ids"]
+__all__ = ["Generator", "HFGenerator", "VLLMGenerator", "make_generator", "greedy_generate", "eos_ids",
+           "encode_prompts", "vllm_blocker", "check_vllm_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +31,13 @@ class Generator(Protocol):
                  stop_fn: Callable[[str], bool] | None = None) -> list[str]:
         """Greedy completions of raw prompt strings (chat formatting already applied); ``stop_fn``
         is an optional early-exit hint a backend may ignore."""
+
+
+def encode_prompts(tokenizer, texts: list[str], **kw):
+    """Token ids of already-formatted prompts, as every backend feeds them: the chat template's text
+    already holds the BOS where the model wants one, so no special tokens are added (tokenizing again
+    with them gives Llama-3-style templates a second BOS)."""
+    return tokenizer(texts, add_special_tokens=False, **kw)
 
 
 @torch.no_grad()
@@ -46,7 +59,7 @@ def greedy_generate(model, tokenizer, texts: list[str], max_new_tokens: int = 32
     try:
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
-            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = encode_prompts(tokenizer, [texts[i] for i in idx], return_tensors="pt", padding=True)
             ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
@@ -118,33 +131,120 @@ class HFGenerator:
 
 
 class VLLMGenerator:
-    """vLLM backend (needs vLLM and a GPU); loads the model folder itself."""
+    """vLLM backend (needs vLLM and a GPU); loads the model folder itself but is fed the token ids of
+    :func:`encode_prompts`, so it sees what the transformers backend sees. ``llm_kwargs`` go to
+    ``vllm.LLM`` (tensor_parallel_size, gpu_memory_utilization, max_model_len)."""
 
-    def __init__(self, model_path: str):
-        from vllm import LLM, SamplingParams  # noqa: F401  (optional dependency)
+    def __init__(self, model_path: str, tokenizer, stop_token_ids: list[int] | None = None,
+                 progress: bool = True, **llm_kwargs):
+        from vllm import LLM  # optional dependency
 
-        self._llm = LLM(model=model_path)
+        self.tokenizer, self.stop_token_ids, self.progress = tokenizer, stop_token_ids, progress
+        self._llm = LLM(model=model_path, **llm_kwargs)
 
     def generate(self, prompts: list[str], max_new_tokens: int, desc: str = "generate",
                  stop_fn: Callable[[str], bool] | None = None) -> list[str]:
         from vllm import SamplingParams
 
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
-        return [o.outputs[0].text for o in self._llm.generate(prompts, params)]
+        kw = {"stop_token_ids": self.stop_token_ids} if self.stop_token_ids else {}
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, **kw)
+        # TokensPrompt-shaped dicts: vLLM would otherwise tokenize the text again, adding a BOS
+        ids = encode_prompts(self.tokenizer, prompts).input_ids
+        outs = self._llm.generate([{"prompt_token_ids": list(x)} for x in ids], params, use_tqdm=self.progress)
+        return [o.outputs[0].text for o in outs]
+
+
+def vllm_blocker(model_path: str | None) -> str | None:
+    """Why vLLM would evaluate ``model_path`` wrongly, or None. A safeptq fake-quant export (W4A8,
+    W4A4, KV4: no serving format) stores dense weights only; transformers puts its activation / KV
+    quantization back at load time, vLLM would silently run it without."""
+    from ..export.folder import SIDE_FILE
+
+    side = Path(model_path) / SIDE_FILE if model_path else None
+    if side is None or not side.is_file():
+        return None
+    try:
+        info = json.loads(side.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    scheme = info.get("scheme") or {}
+    if not info.get("fake_quant") or not (scheme.get("input_activations") or scheme.get("kv_cache")):
+        return None
+    return (f"{model_path} is a safeptq fake-quant export ({info.get('scheme_name', 'custom')}) whose "
+            "activation/KV quantization vLLM would not apply")
+
+
+def check_vllm_folder(model_path: str | None) -> None:
+    """Refuse ``--backend vllm`` for a folder vLLM would evaluate wrongly (see :func:`vllm_blocker`)."""
+    blocker = vllm_blocker(model_path)
+    if blocker:
+        from ..errors import ConfigError
+        raise ConfigError(f"--backend vllm: {blocker}; use --backend hf")
+
+
+def _empty_cuda_cache() -> None:
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # no CUDA context: nothing cached
+        torch.cuda.empty_cache()
+
+
+def _model_device(model) -> torch.device | None:
+    return next(model.parameters()).device if model is not None else None
+
+
+@contextlib.contextmanager
+def _off_gpu(model, restore: bool = True) -> Iterator[None]:
+    """Free the GPU memory of the transformers copy while vLLM starts: vLLM's start-up check sees
+    only free memory, and a bf16 copy of an 8B model already takes 16 GB. Moved back afterwards when
+    ``restore`` (perplexity, margins and choice tasks run on it) or vLLM failed to start, and only
+    if it still fits beside vLLM; else it stays on CPU."""
+    device = _model_device(model)
+    if device is None or device.type == "cpu":
+        yield
+        return
+    model.to("cpu")
+    _empty_cuda_cache()
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        if restore or not ok:
+            try:
+                model.to(device)
+            except torch.cuda.OutOfMemoryError:
+                model.to("cpu")
+                _empty_cuda_cache()
+                log.warning("no GPU memory left beside vLLM for the transformers model; perplexity, margins "
+                            "and choice tasks run on CPU (lower --gpu-memory-utilization to avoid this)")
 
 
 def make_generator(model, tokenizer, backend: str = "auto", model_path: str | None = None,
-                   batch_size: int = 32, progress: bool = True) -> Generator:
-    """``auto`` picks vLLM when it is installed, a GPU is present and the model is on disk."""
+                   batch_size: int = 32, progress: bool = True, restore_model: bool = True,
+                   tensor_parallel_size: int | None = None, gpu_memory_utilization: float | None = None,
+                   max_model_len: int | None = None) -> Generator:
+    """``auto`` picks vLLM when it is installed, a GPU is present, the model is on disk and vLLM
+    would run it as transformers does. With vLLM, ``model`` leaves the GPU while vLLM starts and
+    comes back only when ``restore_model``; the vLLM options are passed to ``vllm.LLM`` when set."""
+    if backend == "vllm":
+        check_vllm_folder(model_path)
     if backend in ("auto", "vllm"):
         try:
             import vllm  # noqa: F401
             have_vllm = torch.cuda.is_available() and model_path is not None
         except ImportError:
             have_vllm = False
-        if have_vllm:
-            return VLLMGenerator(model_path)
-        if backend == "vllm":
+        blocker = vllm_blocker(model_path) if have_vllm else None
+        if blocker:
+            log.warning("%s; using the transformers backend", blocker)
+        elif have_vllm:
+            opts = {"tensor_parallel_size": tensor_parallel_size, "gpu_memory_utilization": gpu_memory_utilization,
+                    "max_model_len": max_model_len}
+            stop = eos_ids(model, tokenizer) if model is not None else None
+            with _off_gpu(model, restore=restore_model):
+                return VLLMGenerator(model_path, tokenizer, stop_token_ids=stop, progress=progress,
+                                     **{k: v for k, v in opts.items() if v is not None})
+        elif backend == "vllm":
             from ..errors import ConfigError
             raise ConfigError("--backend vllm needs the vllm package, a CUDA GPU and a model folder")
     return HFGenerator(model, tokenizer, batch_size=batch_size, progress=progress)

@@ -74,6 +74,9 @@ class BlockwiseConfig:
     # matrix products of the training steps (safeptq.quant.precision): fp32 | tf32 | bf16; the
     # learnable parameters, the block's weights while it trains and both streams stay float32
     precision: str = "fp32"
+    # above this many MiB, the two calibration streams live in memory-mapped files in the work folder
+    # (``streams/``) instead of RAM; None = always in RAM
+    stream_budget_mb: float | None = None
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -96,6 +99,7 @@ class BlockwiseConfig:
         d = asdict(self)
         d["scheme"] = self.scheme.model_dump(mode="json")
         d.pop("device")
+        d.pop("stream_budget_mb")  # where the streams live does not change the result
         return d
 
 
@@ -153,17 +157,37 @@ def _to(obj, device):
     return obj
 
 
+def stream_buffer(shape: tuple[int, ...], spill_dir: Path | None = None, name: str = "stream") -> torch.Tensor:
+    """A float32 [N, T, H] calibration stream: in RAM, or (``spill_dir``) backed by a memory-mapped file
+    there, so that streams larger than the RAM budget live in the page cache and can be evicted."""
+    if spill_dir is None:
+        return torch.empty(shape, dtype=torch.float32)
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    path = spill_dir / f"{name}.f32"
+    path.unlink(missing_ok=True)
+    n = 1
+    for d in shape:
+        n *= d
+    return torch.from_file(str(path), shared=True, size=n, dtype=torch.float32).view(shape)
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int, device) -> tuple[torch.Tensor, dict]:
-    """Hidden states entering block 0 for every row of ``input_ids`` ([N, T, H] float32, CPU) and
-    the keyword arguments of a batch-1 call (they broadcast over any batch size)."""
+def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int, device,
+                         out: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Hidden states entering block 0 for every row of ``input_ids`` ([N, T, H] float32, CPU; written
+    into ``out`` when given) and the keyword arguments of a batch-1 call (they broadcast over any
+    batch size)."""
     layers = check_architecture(model)
     states: list[torch.Tensor] = []
     kwargs: dict = {}
+    pos = {"row": -1}  # -1: the batch-1 call that records the kwargs
 
     def hook(module, args, kw):
         h = args[0] if args else kw["hidden_states"]
-        states.append(h.detach().to("cpu", torch.float32))
+        if pos["row"] < 0 or out is None:
+            states.append(h.detach().to("cpu", torch.float32))
+        else:
+            out[pos["row"]:pos["row"] + h.shape[0]] = h.detach().to("cpu", torch.float32)
         if not kwargs:
             kwargs.update({k: v for k, v in kw.items() if k not in ("hidden_states", "past_key_values", "past_key_value")})
         raise _Captured
@@ -179,17 +203,20 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
                 model(input_ids=rows.to(device), use_cache=False)
             except _Captured:
                 pass
+            pos["row"] += 1 if pos["row"] < 0 else len(rows)
     finally:
         handle.remove()
     kwargs["use_cache"] = False
-    return torch.cat(states[1:]), kwargs
+    return (torch.cat(states[1:]) if out is None else out), kwargs
 
 
-def _run(layer: nn.Module, x: torch.Tensor, kwargs: dict, batch_size: int, device, dtype) -> torch.Tensor:
-    outs = []
-    for xb in x.split(batch_size):
-        outs.append(_layer_out(layer(xb.to(device, dtype), **kwargs)).to("cpu", torch.float32))
-    return torch.cat(outs)
+def _run_inplace(layer: nn.Module, x: torch.Tensor, kwargs: dict, batch_size: int, device, dtype) -> torch.Tensor:
+    """Replace each row of the stream ``x`` by the block's output on it (rows are independent), so a
+    stream never needs a second copy; returns ``x``."""
+    for start in range(0, x.shape[0], batch_size):
+        rows = slice(start, start + batch_size)
+        x[rows] = _layer_out(layer(x[rows].to(device, dtype), **kwargs)).to("cpu", torch.float32)
+    return x
 
 
 def _qparams_state(qp: dict[str, QuantizedWeight]) -> dict:
@@ -314,6 +341,15 @@ def calibrate_blockwise(model: nn.Module, calib: CalibSet, objective: BlockObjec
     fp = _fingerprint(model, calib, objective, cfg)
     start, qparams, report = 0, {}, []
     state_path = work / "state.pt" if work is not None else None
+    shape = (*calib.input_ids.shape, model.config.hidden_size)
+    spill = None
+    stream_mb = 2 * calib.input_ids.numel() * model.config.hidden_size * 4 / 2**20
+    if cfg.stream_budget_mb is not None and stream_mb > cfg.stream_budget_mb:
+        if work is None:
+            raise ConfigError(f"the calibration streams ({stream_mb:.0f} MiB) exceed the RAM budget "
+                              f"({cfg.stream_budget_mb:.0f} MiB) and there is no work folder to spill them to")
+        spill = work / "streams"
+        log.info("calibration streams (%.0f MiB) go to memory-mapped files in %s", stream_mb, spill)
     if work is not None:
         (work / "blocks").mkdir(parents=True, exist_ok=True)
     if resume and state_path is not None and state_path.exists():
@@ -321,12 +357,17 @@ def calibrate_blockwise(model: nn.Module, calib: CalibSet, objective: BlockObjec
         if state["fingerprint"] != fp:
             raise CalibrationError(f"the checkpoint in {work} was made with another recipe, model or calibration "
                                    "set; remove it or run without --resume")
-        start, fp_inps, q_inps, report = state["next"], state["fp_inps"], state["q_inps"], json.loads(state["report"])
+        start, report = state["next"], json.loads(state["report"])
+        fp_inps = stream_buffer(shape, spill, "fp").copy_(state["fp_inps"])
+        q_inps = stream_buffer(shape, spill, "q").copy_(state["q_inps"])
+        del state
         qparams = _restore(layers, work, start, cfg.scheme)
         log.info("resuming at block %d of %d", start, n_blocks)
     else:
-        fp_inps, kwargs = capture_block_inputs(model, calib.input_ids, cfg.batch_size, device)
-        q_inps = fp_inps.clone()
+        fp_inps, kwargs = capture_block_inputs(model, calib.input_ids, cfg.batch_size, device,
+                                               out=stream_buffer(shape, spill, "fp"))
+        q_inps = stream_buffer(shape, spill, "q")
+        q_inps.copy_(fp_inps)
     # the block kwargs (rotary tables, mask) are cheap to recompute and not checkpointed
     _, kwargs = capture_block_inputs(model, calib.input_ids[:1], 1, device)
     kwargs = {k: _to(v, device) for k, v in kwargs.items()}
@@ -339,7 +380,7 @@ def calibrate_blockwise(model: nn.Module, calib: CalibSet, objective: BlockObjec
         for p in layer.parameters():
             p.requires_grad_(False)
         with torch.no_grad(), record_smoothing_stats(layer) as stats:
-            fp_out = _run(layer, fp_inps, kwargs, cfg.batch_size, device, torch.float32)
+            fp_out = _run_inplace(layer, fp_inps, kwargs, cfg.batch_size, device, torch.float32)
         smoothing = None
         if cfg.let:
             smoothing = init_smoothing(layer, stats, cfg.let_alpha, cfg.let_pairs).to(device)
@@ -356,7 +397,7 @@ def calibrate_blockwise(model: nn.Module, calib: CalibSet, objective: BlockObjec
                 fold_smoothing(layer, smoothing)
             block_q = finish_layer(layer, i, cfg.scheme)
             layer.to(device, model_dtype)
-            q_inps = _run(layer, q_inps, kwargs, cfg.batch_size, device, model_dtype)
+            q_inps = _run_inplace(layer, q_inps, kwargs, cfg.batch_size, device, model_dtype)
         fp_inps = fp_out
         layer.to("cpu")
         qparams.update(block_q)

@@ -246,3 +246,22 @@ def test_train_norms_is_opt_in_and_moves_only_the_gains():
         assert not torch.equal(b.post_attention_layernorm.weight, t.post_attention_layernorm.weight)
         assert not any(p.requires_grad for p in t.parameters())
     assert torch.equal(base.model.norm.weight, on.model.norm.weight)  # the final norm is not a block's
+
+
+def test_streams_spilled_to_memory_mapped_files_give_the_same_model(tmp_path):
+    """Issue 22: calibration streams above the RAM budget live in files in the work folder; same result,
+    and the work folder holds them only while it runs."""
+    x = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))
+    cal = CalibSet(x, torch.ones_like(x), torch.zeros(8, dtype=torch.long), torch.full((8,), 15), ["r"] * 8)
+    out = {}
+    for budget in (None, 0.0):
+        model = make_tiny_llama()
+        cfg = BlockwiseConfig(scheme=resolve_scheme("w4a8"), epochs=1, device="cpu", stream_budget_mb=budget)
+        calibrate_blockwise(model, cal, MSE(), cfg, work_dir=tmp_path / str(budget), progress=False)
+        out[budget] = logits(model, ids())
+    assert torch.equal(out[None], out[0.0])
+    assert sorted(p.name for p in (tmp_path / "0.0" / "streams").iterdir()) == ["fp.f32", "q.f32"]
+    assert not (tmp_path / "None" / "streams").exists()
+    with pytest.raises(ConfigError, match="no work folder to spill"):
+        calibrate_blockwise(make_tiny_llama(), cal, MSE(), BlockwiseConfig(scheme=resolve_scheme("w4a8"), epochs=1,
+                            device="cpu", stream_budget_mb=0.0), progress=False)
