@@ -18,8 +18,10 @@ code holds at that point:
   host;
 - export: the model, its packed copy and the reloaded export side by side on the host.
 
-The constants (:data:`BASE_MB`, :data:`COPIES_TRAINED_BLOCK`, the throughput figures) come from the
-runs in BENCHMARKS.md ("Memory plan against measured peaks"); times are rough (a factor of two).
+The constants (:data:`BASE_MB`, :data:`COPIES_TRAINED_BLOCK`, the throughput figures) are first
+estimates from a few runs (the tiny-model realign of the tests, the H200 runs in BENCHMARKS.md "Real
+model sizes on one GPU"); they are not yet fitted to a scaling table, and times are rough (a factor of
+two or more).
 """
 
 from __future__ import annotations
