@@ -49,7 +49,7 @@ from safeptq.errors import CalibrationError, ConfigError
 from safeptq.objectives.base import E2EObjective
 from safeptq.objectives.references import References
 from safeptq.quant.args import Scheme, resolve_scheme
-from safeptq.quant.engine import _save_atomic, check_architecture, finish_layer, peak_memory_mb
+from safeptq.quant.engine import _save_atomic, check_architecture, finish_layer, peak_memory_mb, share_dequantized
 from safeptq.quant.precision import PRECISIONS, forward_precision, is_low_precision, step_precision
 from safeptq.quant.qlinear import (
     LLAMA_LINEARS,
@@ -487,6 +487,9 @@ def calibrate_end_to_end(model: nn.Module, calib: CalibSet, objective: E2EObject
                 opt.step()
             rec = {"step": step, **{k: float(v.detach()) for k, v in terms.items()},
                    "seconds": round(time.time() - ts, 3)}
+            # terms off the loss's gradient path (e.g. a capped push) keep their graph's saved tensors alive
+            # until dropped: without this, step N's graph lives while step N+1 builds its own
+            del terms, loss
             records.append(rec)
             if step == 0:
                 loss_start = rec["loss"]
@@ -532,6 +535,7 @@ def calibrate_end_to_end(model: nn.Module, calib: CalibSet, objective: E2EObject
     model.to(orig_device, orig_dtype)
     for m, h in hadamards.items():
         m.h = h.to(orig_device)
+    share_dequantized(model, qparams)
     rss, acc = peak_memory_mb()
     return E2EResult(qparams=qparams, records=records, loss_start=loss_start, loss_end=loss_end,
                      fold_rel_err=fold_err, wall_time_s=time.time() - t0, peak_rss_mb=rss, peak_accel_mb=acc,

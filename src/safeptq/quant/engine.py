@@ -239,13 +239,31 @@ def finish_layer(layer: nn.Module, index: int, scheme: Scheme) -> dict[str, Quan
     by linear name (for the exporter), on the CPU: the layer goes back there, and the accelerator
     must not keep a copy of every quantized weight."""
     qparams = {}
+    prefix = f"model.layers.{index}."
     for rel in LLAMA_LINEARS:
         mod = layer.get_submodule(rel)
         if isinstance(mod, QuantLinear) and mod.weight_quantizer is not None:
-            qparams[f"model.layers.{index}.{rel}"] = QuantizedWeight(*(t.cpu() for t in mod.quantized_weight()))
+            deq, q, scale, zero = mod.quantized_weight()
+            # the dequantized weight is the folded linear's weight: shared below, not copied to the host
+            qparams[prefix + rel] = QuantizedWeight(torch.empty(deq.shape, dtype=deq.dtype, device="meta"),
+                                                    q.cpu(), scale.cpu(), zero.cpu())
     unwrap_decoder_layer(layer, fold=True)
     attach_act_quant(layer, scheme)
+    share_dequantized(layer, qparams, prefix)
     return qparams
+
+
+def share_dequantized(module: nn.Module, qparams: dict[str, QuantizedWeight], prefix: str = "") -> None:
+    """Point each entry's ``dequantized`` at the folded linear's own weight (the same values, up to
+    the module's dtype), so the integer parameters kept for the exporter cost their codes and scales,
+    not a second float32 copy of every quantized weight (a weight on an accelerator is copied to the
+    host in its own dtype). Call again after a dtype cast or a move."""
+    for name, qw in qparams.items():
+        if not name.startswith(prefix):
+            continue
+        weight = module.get_submodule(name[len(prefix):]).weight
+        qparams[name] = qw._replace(dequantized=weight.data if weight.device.type == "cpu"
+                                    else weight.detach().to("cpu"))
 
 
 def _save_atomic(obj, path: Path) -> None:
@@ -319,7 +337,9 @@ def _restore(layers, work: Path, upto: int, scheme: Scheme) -> dict[str, Quantiz
         blob = torch.load(work / "blocks" / f"{j:03d}.pt", weights_only=True)
         layers[j].load_state_dict(blob["state"])
         attach_act_quant(layers[j], scheme)
-        qparams.update({k: QuantizedWeight(*v) for k, v in blob["qparams"].items()})
+        block_q = {k: QuantizedWeight(*v) for k, v in blob["qparams"].items()}
+        share_dequantized(layers[j], block_q, f"model.layers.{j}.")
+        qparams.update(block_q)
     return qparams
 
 
@@ -400,6 +420,7 @@ def calibrate_blockwise(model: nn.Module, calib: CalibSet, objective: BlockObjec
             q_inps = _run_inplace(layer, q_inps, kwargs, cfg.batch_size, device, model_dtype)
         fp_inps = fp_out
         layer.to("cpu")
+        share_dequantized(layer, block_q, f"model.layers.{i}.")  # the cast back to the model's dtype made new tensors
         qparams.update(block_q)
         report.append({"block": i, "epochs": len(losses), "loss_first": losses[0] if losses else None,
                        "loss_last": losses[-1] if losses else None, "seconds": round(time.time() - tb, 2)})
