@@ -22,7 +22,7 @@ OUT=${OUT:-/tmp/scale_cpu}
 SIZES=${*:-135m 360m 1b1}
 CMDS=${CMDS:-realign aaq}
 PY=${PY:-.venv/bin/python}
-DATA_DIR=${DATA_DIR:-/work/shared/data}
+DATA_DIR=${DATA_DIR:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data}
 TOK=${TOK:-$HOME/.cache/safeptq/models/smollm2-135m-instruct}
 export SAFEPTQ_HOME=$OUT/home
 mkdir -p "$OUT/models" "$SAFEPTQ_HOME"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["PhaseMemory", "phase_peak", "process_peak_mb", "current_rss_mb"]
+__all__ = ["PhaseMemory", "phase_peak", "process_peak_mb", "current_rss_mb", "release_host_memory"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -42,6 +42,25 @@ def _status_mb(field: str) -> float | None:
 def current_rss_mb() -> float | None:
     """Resident set size of this process now, in MiB (``None`` where /proc is unavailable)."""
     return _status_mb("VmRSS")
+
+
+_LIBC: list = []
+
+
+def release_host_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps freed blocks in its arenas: without this a
+    block-wise run's RSS grows by the allocator's leftovers, ~400 MiB over a 360M model). No-op where
+    ``malloc_trim`` does not exist."""
+    if not _LIBC:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC.append(getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_trim", None))
+        except OSError:
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)
 
 
 def _accel_peak_mb() -> float | None:

@@ -43,6 +43,9 @@ BASE_MB = 600.0
 COPIES_TRAINED_BLOCK = 5.0
 """float32 copies of a block's weights while it trains: the weights, the transformed (smoothed) and the
 fake-quantized weights kept for the backward pass, their gradient, and one transient."""
+COPIES_SAVED_E2E = 6.0
+"""float32 copies of each layer's weights the end-to-end backward pass keeps (the transformed weight,
+the quantizer's intermediates); measured 24-27 bytes per layer parameter on 135M/360M shapes."""
 ACT_FLOATS_PER_TOKEN = (24, 6)
 """Saved activations per token of one decoder layer, as (multiple of hidden, multiple of intermediate)."""
 FLOPS = {"cpu": 3.0e10, "cuda": 1.0e13}
@@ -59,6 +62,7 @@ class ModelShape:
     intermediate: int
     vocab: int
     model_type: str
+    stored_dtype: str | None = None  # the checkpoint's dtype (config), when it says
 
     @property
     def linear_params(self) -> int:
@@ -114,10 +118,12 @@ def model_shape(config) -> ModelShape:
         model = AutoModelForCausalLM.from_config(config)
     layers = model.model.layers
     text = getattr(config, "text_config", None) or config
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return ModelShape(params=sum(p.numel() for p in model.parameters()),
                       layer_params=sum(p.numel() for p in layers[0].parameters()), n_layers=len(layers),
                       hidden=text.hidden_size, intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
-                      vocab=text.vocab_size, model_type=getattr(config, "model_type", "?"))
+                      vocab=text.vocab_size, model_type=getattr(config, "model_type", "?"),
+                      stored_dtype=str(stored).removeprefix("torch.") if stored is not None else None)
 
 
 def _bytes(dtype: str | torch.dtype) -> int:
@@ -128,9 +134,21 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+def _load_mb(s: ModelShape, wbytes: int) -> float:
+    """Loading: the model, plus the checkpoint's memory-mapped pages while a dtype conversion reads them
+    (a checkpoint already in the load dtype is used in place)."""
+    stored = _bytes(s.stored_dtype) if s.stored_dtype else wbytes
+    return s.params * wbytes / MB + (s.params * stored / MB if stored != wbytes else 0.0)
+
+
+def _codes_mb(s: ModelShape) -> float:
+    """Integer codes (int8 storage) of every quantized weight, kept for the exporter."""
+    return s.linear_params / MB
+
+
 def _export_mb(s: ModelShape, wbytes: int, bits: float) -> float:
-    """Model + packed integer copy of the linears + the reloaded export, side by side."""
-    return (s.params * wbytes + s.linear_params * bits / 8 + s.params * wbytes) / MB
+    """Model + its integer codes + packed copy of the linears + the reloaded export, side by side."""
+    return (2 * s.params * wbytes + s.linear_params * bits / 8) / MB + _codes_mb(s)
 
 
 def plan_blockwise(s: ModelShape, *, dtype: str, device: str, nsamples: int, seqlen: int, batch_size: int,
@@ -148,11 +166,11 @@ def plan_blockwise(s: ModelShape, *, dtype: str, device: str, nsamples: int, seq
     act_mb = tokens * (ACT_FLOATS_PER_TOKEN[0] * s.hidden + ACT_FLOATS_PER_TOKEN[1] * s.intermediate) * 4 / MB
     block_mb = COPIES_TRAINED_BLOCK * s.layer_params * 4 / MB + act_mb
     whole_on_device = model_mb if (probe_model or separability) else 0.0
-    phases = {"load": {"host_mb": BASE_MB + model_mb}}
+    phases = {"load": {"host_mb": BASE_MB + _load_mb(s, wb)}}
     if probe_model or separability:
         phases["probes"] = {"host_mb": BASE_MB + model_mb + (0 if on_gpu else model_mb),
                             "device_mb": whole_on_device if on_gpu else None}
-    phases["calibration"] = {"host_mb": BASE_MB + model_mb + streams_mb + (0 if on_gpu else block_mb),
+    phases["calibration"] = {"host_mb": BASE_MB + model_mb + streams_mb + _codes_mb(s) + (0 if on_gpu else block_mb),
                              "device_mb": block_mb if on_gpu else None}
     phases["export"] = {"host_mb": BASE_MB + _export_mb(s, wb, weight_bits)}
     ep = epochs if isinstance(epochs, tuple) else (epochs, epochs)
@@ -173,7 +191,7 @@ def plan_end_to_end(s: ModelShape, *, dtype: str, device: str, nsamples: int, se
     model_mb = s.params * wb / MB
     train_model_mb = s.params * train_b / MB
     layer_act = tokens * (ACT_FLOATS_PER_TOKEN[0] * s.hidden + ACT_FLOATS_PER_TOKEN[1] * s.intermediate) * 4 / MB
-    layer_w = 3 * s.layer_params * 4 / MB  # transformed + fake-quantized weights (float32) kept for backward
+    layer_w = COPIES_SAVED_E2E * s.layer_params * 4 / MB  # float32 weight copies kept for the backward pass
     if checkpointing:
         saved = s.n_layers * tokens * s.hidden * train_b / MB + layer_act + layer_w
     else:
@@ -182,7 +200,7 @@ def plan_end_to_end(s: ModelShape, *, dtype: str, device: str, nsamples: int, se
     train_dev = train_model_mb + saved + logits_mb
     refs_host = nsamples * seqlen * (topk + 1) * 6 * n_references / MB
     refs_dev = n_references * model_mb + tokens * s.vocab * 4 * 2 / MB
-    phases = {"load": {"host_mb": BASE_MB + model_mb}}
+    phases = {"load": {"host_mb": BASE_MB + _load_mb(s, wb)}}
     if on_gpu:
         phases["references"] = {"host_mb": BASE_MB + model_mb + refs_host, "device_mb": refs_dev}
         phases["training"] = {"host_mb": BASE_MB + refs_host + model_mb, "device_mb": train_dev}

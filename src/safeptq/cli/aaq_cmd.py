@@ -86,6 +86,7 @@ class AAQCommand(QuantizeCommand):
     batch_size_default = 4
     train_defaults = {"lr_rotation": 1e-3, "lr_smoothing": 1e-3, "lr_lwc": 1e-2}
     work_files = ("e2e_state.pt", "e2e_state.pt.tmp")
+    measure_calibration_phase = False  # calibrate() records references / search / training / gptq phases
     work_dirs = (FOLDED,)
     device_help = ("device of the reference models and of the training (cpu, cuda, cuda:N or auto, the "
                    "default): the whole model goes there while training, in float32 or, with --precision bf16, "

@@ -352,9 +352,23 @@ class QuantizeCommand(Command):
                 pass
 
     # -- run --------------------------------------------------------------------------------------
+    # peak memory per phase in the run record (``memory_phases``); a command whose calibrate() measures its
+    # own sub-phases (aaq) turns the calibration one off: phase measurements do not nest
+    measure_calibration_phase = True
+
     def run(self, args: argparse.Namespace) -> int:
-        ctx = self.setup(args)
-        cal = self.calibrate(args, ctx)
+        from ..memory import phase_peak
+
+        self._phases = {}
+        with phase_peak() as mem:
+            ctx = self.setup(args)
+        self._phases["setup"] = mem.as_dict()
+        if self.measure_calibration_phase:
+            with phase_peak() as mem:
+                cal = self.calibrate(args, ctx)
+            self._phases["calibration"] = mem.as_dict()
+        else:
+            cal = self.calibrate(args, ctx)
         return self.finish(args, ctx, cal)
 
     def setup(self, args: argparse.Namespace) -> RunContext:
@@ -551,8 +565,13 @@ class QuantizeCommand(Command):
                     "nsamples": len(calib) if calib is not None else 0,
                     "seqlen": int(calib.input_ids.shape[1]) if calib is not None else 0,
                     "config": cal.config}
-        save_quantized(model, tok, scheme, out, report, metadata)
-        verify = self._verify(out, model, tok, not by_llmcompressor(report), scheme)
+        from ..memory import phase_peak
+
+        with phase_peak() as mem:
+            save_quantized(model, tok, scheme, out, report, metadata)
+            verify = self._verify(out, model, tok, not by_llmcompressor(report), scheme)
+        phases = getattr(self, "_phases", {})
+        phases["export"] = mem.as_dict()
         tol = _VERIFY_MAX_REL_ERR["float32" if next(model.parameters()).dtype == torch.float32 else "low"]
         verify["tolerance"] = tol
         if verify["weights_only_max_rel_err"] > tol:
@@ -586,6 +605,7 @@ class QuantizeCommand(Command):
             "peak_rss_mb": round(rss, 1),
             "peak_accel_mb": None if acc is None else round(acc, 1),
             "memory_plan": self._plan.as_dict() if getattr(self, "_plan", None) is not None else None,
+            "memory_phases": phases,
             "calibration": {k: v for k, v in report.items() if k != "qparams"},
             "export": {"path": str(out), "format": info.get("format"), "fake_quant": info.get("fake_quant"),
                        "bits_per_weight": verify.get("bits_per_weight")},

@@ -33,6 +33,7 @@ from torch import nn
 from safeptq.data.calib import CalibSet
 from safeptq.errors import CalibrationError, ConfigError
 from safeptq.objectives.base import BlockBatch, BlockObjective
+from safeptq.memory import release_host_memory
 from safeptq.quant.args import Scheme
 from safeptq.quant.deploy import attach_act_quant
 from safeptq.quant.precision import PRECISIONS, forward_precision, step_precision
@@ -266,6 +267,19 @@ def share_dequantized(module: nn.Module, qparams: dict[str, QuantizedWeight], pr
                                     else weight.detach().to("cpu"))
 
 
+@torch.no_grad()
+def _return_home(layer: nn.Module, home: dict[str, torch.Tensor]) -> None:
+    """Move a finished block back to the host *into its original storage*: the loaded (often memory-
+    mapped) tensors are overwritten in place instead of new ones being allocated beside them, so the
+    host holds one copy of the model however many blocks are done."""
+    for name, param in layer.named_parameters():
+        h = home.get(name)
+        if h is not None and h.shape == param.shape and h.dtype == param.dtype and h.device.type == "cpu":
+            h.copy_(param.data)
+            param.data = h
+    layer.to("cpu")  # anything new (or of another shape or dtype) the normal way
+
+
 def _save_atomic(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -396,6 +410,7 @@ def calibrate_blockwise(model: nn.Module, calib: CalibSet, objective: BlockObjec
     for i in range(start, n_blocks):
         tb = time.time()
         layer = layers[i]
+        home = {n: p.data for n, p in layer.named_parameters()}  # the block's host storage, reused below
         layer.to(device, torch.float32)
         for p in layer.parameters():
             p.requires_grad_(False)
@@ -419,8 +434,9 @@ def calibrate_blockwise(model: nn.Module, calib: CalibSet, objective: BlockObjec
             layer.to(device, model_dtype)
             q_inps = _run_inplace(layer, q_inps, kwargs, cfg.batch_size, device, model_dtype)
         fp_inps = fp_out
-        layer.to("cpu")
-        share_dequantized(layer, block_q, f"model.layers.{i}.")  # the cast back to the model's dtype made new tensors
+        _return_home(layer, home)
+        share_dequantized(layer, block_q, f"model.layers.{i}.")
+        release_host_memory()
         qparams.update(block_q)
         report.append({"block": i, "epochs": len(losses), "loss_first": losses[0] if losses else None,
                        "loss_last": losses[-1] if losses else None, "seconds": round(time.time() - tb, 2)})
