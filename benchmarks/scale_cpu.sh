@@ -8,7 +8,8 @@
 # Run from the repository root:
 #   OUT=/tmp/scale_cpu bash benchmarks/scale_cpu.sh [SIZES]
 # SIZES: any of 135m 360m 1b1 (default: "135m 360m 1b1").
-# CMDS="realign aaq" (default) picks the commands, e.g. CMDS=aaq for aaq only.
+# CMDS="realign aaq" (default) picks the commands, e.g. CMDS=aaq for aaq only;
+# AAQ_FLAGS adds flags to the aaq command (e.g. AAQ_FLAGS="--checkpointing on").
 # Needs the tokenizer in ~/.cache/safeptq/models/smollm2-135m-instruct and the
 # datasets in /work/shared/data (override with DATA_DIR). Outputs per size:
 #   $OUT/models/SIZE{,-base}/          random bf16 models (the -base one feeds aaq --base)
@@ -21,6 +22,7 @@ set -euo pipefail
 OUT=${OUT:-/tmp/scale_cpu}
 SIZES=${*:-135m 360m 1b1}
 CMDS=${CMDS:-realign aaq}
+AAQ_FLAGS=${AAQ_FLAGS:-}  # e.g. "--checkpointing on"
 PY=${PY:-.venv/bin/python}
 DATA_DIR=${DATA_DIR:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data}
 TOK=${TOK:-$HOME/.cache/safeptq/models/smollm2-135m-instruct}
@@ -88,6 +90,6 @@ for size in $SIZES; do
   run_timed aaq "$D" "$PY" -m safeptq aaq --model "$M" --base "$B" --scheme w4a16 \
     --dtype bfloat16 --steps 2 --nsamples 8 --seqlen 64 --calib-replies 0 --weights rtn \
     --calib alpaca:calib --rotation off --smoothing on --data-dir "$DATA_DIR" \
-    --no-progress --out "$D/aaq"
+    --no-progress --out "$D/aaq" $AAQ_FLAGS
   fi
 done

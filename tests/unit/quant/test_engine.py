@@ -265,3 +265,20 @@ def test_streams_spilled_to_memory_mapped_files_give_the_same_model(tmp_path):
     with pytest.raises(ConfigError, match="no work folder to spill"):
         calibrate_blockwise(make_tiny_llama(), cal, MSE(), BlockwiseConfig(scheme=resolve_scheme("w4a8"), epochs=1,
                             device="cpu", stream_budget_mb=0.0), progress=False)
+
+
+def test_finished_blocks_go_back_into_their_original_storage():
+    """Issue 22: the host keeps one copy of the model (a bf16 model stays bf16 in the tensors it was
+    loaded into), and the exporter's integer parameters share the folded weights instead of copying them."""
+    model = make_tiny_llama().to(torch.bfloat16)
+    ptrs = {n: p.data_ptr() for n, p in model.model.layers.named_parameters()}
+    x = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))
+    cal = CalibSet(x, torch.ones_like(x), torch.zeros(8, dtype=torch.long), torch.full((8,), 15), ["r"] * 8)
+    res = calibrate_blockwise(model, cal, MSE(), BlockwiseConfig(scheme=resolve_scheme("w8a8"), epochs=1,
+                              device="cpu"), progress=False)
+    after = dict(model.model.layers.named_parameters())
+    assert {n: p.data_ptr() for n, p in after.items()} == ptrs
+    assert all(p.dtype == torch.bfloat16 for p in after.values())
+    for name, qw in res.qparams.items():
+        w = model.get_submodule(name).weight
+        assert qw.dequantized.data_ptr() == w.data_ptr() and qw.q.dtype == torch.int8
