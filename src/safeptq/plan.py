@@ -43,9 +43,9 @@ BASE_MB = 600.0
 COPIES_TRAINED_BLOCK = 5.0
 """float32 copies of a block's weights while it trains: the weights, the transformed (smoothed) and the
 fake-quantized weights kept for the backward pass, their gradient, and one transient."""
-COPIES_SAVED_E2E = 6.0
-"""float32 copies of each layer's weights the end-to-end backward pass keeps (the transformed weight,
-the quantizer's intermediates); measured 24-27 bytes per layer parameter on 135M/360M shapes."""
+COPIES_SAVED_E2E = 5.0
+"""float32 copies of each layer's weights the end-to-end backward pass keeps without checkpointing (the
+transformed weight, the quantizer's intermediates), fitted to 135M/360M shapes on a CPU."""
 ACT_FLOATS_PER_TOKEN = (24, 6)
 """Saved activations per token of one decoder layer, as (multiple of hidden, multiple of intermediate)."""
 FLOPS = {"cpu": 3.0e10, "cuda": 1.0e13}

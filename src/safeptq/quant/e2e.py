@@ -46,6 +46,7 @@ from torch import nn
 
 from safeptq.data.calib import CalibSet
 from safeptq.errors import CalibrationError, ConfigError
+from safeptq.memory import release_host_memory
 from safeptq.objectives.base import E2EObjective
 from safeptq.objectives.references import References
 from safeptq.quant.args import Scheme, resolve_scheme
@@ -536,6 +537,7 @@ def calibrate_end_to_end(model: nn.Module, calib: CalibSet, objective: E2EObject
     for m, h in hadamards.items():
         m.h = h.to(orig_device)
     share_dequantized(model, qparams)
+    release_host_memory()  # the training's freed activations, not kept by the allocator into the export
     rss, acc = peak_memory_mb()
     return E2EResult(qparams=qparams, records=records, loss_start=loss_start, loss_end=loss_end,
                      fold_rel_err=fold_err, wall_time_s=time.time() - t0, peak_rss_mb=rss, peak_accel_mb=acc,
