@@ -207,6 +207,12 @@ def plan_end_to_end(s: ModelShape, *, dtype: str, device: str, nsamples: int, se
     else:
         phases["references"] = {"host_mb": BASE_MB + refs_dev + refs_host}
         phases["training"] = {"host_mb": BASE_MB + refs_host + train_dev}
+    # folding and rounding: the trained model, the integer codes, and the cast back to the model's dtype
+    finish = BASE_MB + refs_host + train_model_mb + _codes_mb(s) + (model_mb if train_b != wb else 0.0)
+    if on_gpu:
+        phases["finish"] = {"host_mb": BASE_MB + refs_host + model_mb + _codes_mb(s), "device_mb": train_model_mb}
+    else:
+        phases["finish"] = {"host_mb": finish}
     phases["export"] = {"host_mb": BASE_MB + refs_host + _export_mb(s, wb, weight_bits)}
     flop = (8 if checkpointing else 6) * s.params * tokens * steps + 2 * s.params * nsamples * seqlen * n_references
     rate = FLOPS["cuda"] if on_gpu else FLOPS["cpu"] * _threads()
