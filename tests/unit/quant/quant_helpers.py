@@ -53,3 +53,21 @@ def random_smoothings(model, input_ids, seed: int = 0, jitter: float = 0.5):
                 p.mul_(torch.exp(jitter * torch.randn(p.shape, generator=gen)))
         out.append(sm)
     return out
+
+
+def calib_set(n: int = 8, t: int = 16, seed: int = 0):
+    """A random calibration set of ``n`` rows of ``t`` tokens (vocabulary 256)."""
+    from safeptq.data.calib import CalibSet
+
+    x = torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
+    return CalibSet(x, torch.ones_like(x), torch.zeros(n, dtype=torch.long), torch.full((n,), t - 1), ["rand"] * n)
+
+
+def sharp_llama(seed: int = 0, dtype=torch.float32):
+    """Untied tiny Llama with 8x logits: peaked next-token distributions, so top-K KLs are not ~0."""
+    from conftest import make_tiny_llama
+
+    m = make_tiny_llama(tie=False, seed=seed)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(8)
+    return m.to(dtype)

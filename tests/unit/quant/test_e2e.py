@@ -4,9 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_tiny_llama
-from quant_helpers import ids, logits, rel_err
-from safeptq.data.calib import CalibSet
+from quant_helpers import calib_set, ids, logits, rel_err, sharp_llama
 from safeptq.errors import CalibrationError, ConfigError, UnknownNameError
 from safeptq.objectives import MSE, ContrastiveKLTop, KLTop, ReferenceCache
 from safeptq.quant.args import resolve_scheme
@@ -16,17 +14,8 @@ from safeptq.quant.qlinear import LLAMA_LINEARS, QuantLinear, set_quantizers_ena
 from safeptq.quant.rotation import OnlineHadamard
 
 
-def sharp_llama(seed: int = 0):
-    """Untied tiny Llama with 8x logits: peaked next-token distributions, so top-K KLs are not ~0."""
-    m = make_tiny_llama(tie=False, seed=seed)
-    with torch.no_grad():
-        m.lm_head.weight.mul_(8)
-    return m
 
 
-def calib_set(n: int = 8, t: int = 16, seed: int = 0) -> CalibSet:
-    x = torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
-    return CalibSet(x, torch.ones_like(x), torch.zeros(n, dtype=torch.long), torch.full((n,), t - 1), ["rand"] * n)
 
 
 @pytest.fixture(scope="module")

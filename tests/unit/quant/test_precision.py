@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_llama
-from quant_helpers import ids, logits, rel_err
-from safeptq.data.calib import CalibSet
+from quant_helpers import calib_set, ids, logits, rel_err, sharp_llama
 from safeptq.errors import ConfigError
 from safeptq.objectives import MSE, ContrastiveKLTop, ReferenceCache
 from safeptq.quant.args import resolve_scheme
@@ -16,16 +15,8 @@ from safeptq.quant.precision import forward_precision, resolve_precision
 from safeptq.quant.qlinear import wrap_linear
 
 
-def calib_set(n: int = 8, t: int = 16, seed: int = 0) -> CalibSet:
-    x = torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
-    return CalibSet(x, torch.ones_like(x), torch.zeros(n, dtype=torch.long), torch.full((n,), t - 1), ["rand"] * n)
 
 
-def sharp_llama(seed: int = 0, dtype=torch.float32):
-    m = make_tiny_llama(tie=False, seed=seed)
-    with torch.no_grad():
-        m.lm_head.weight.mul_(8)
-    return m.to(dtype)
 
 
 @pytest.fixture(scope="module")
