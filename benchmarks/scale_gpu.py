@@ -60,7 +60,8 @@ def realign7b(args) -> dict:
     t0 = time.time()
     k = args.shrink
     shape = dict(hidden_size=4096 // k, intermediate_size=11008 // k, num_hidden_layers=args.layers,
-                 num_attention_heads=32 // k, num_key_value_heads=32 // k, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                 num_attention_heads=32 // k, num_key_value_heads=32 // k, vocab_size=len(tok),
+                 bos_token_id=tok.bos_token_id,
                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = _llama(shape, 0, dev).to("cpu")
@@ -155,7 +156,8 @@ def main() -> None:
     p.add_argument("--aaq-precision", default="bf16")
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--topk", type=int, default=1000)
-    p.add_argument("--shrink", type=int, default=1, help="divide widths and heads by this (CPU smoke test of the script)")
+    p.add_argument("--shrink", type=int, default=1,
+                   help="divide widths and heads by this (CPU smoke test of the script)")
     args = p.parse_args()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

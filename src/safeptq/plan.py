@@ -6,16 +6,18 @@ the run (load, probes, calibration, export with its reload check) is then a sum 
 code holds at that point:
 
 - block-wise engine (``quantize --method omniquant``, ``realign``): the model in ``--dtype`` on the
-  host; the two calibration streams (updated in place; the full-precision one also holds the block's
-  targets) on the host in float32 (``2 x N x T x hidden x 4`` bytes) or in memory-mapped files; on the calibration device one block in float32 with its
-  fake-quantized and transformed copies and gradients (about 4 copies) and a batch's activations;
-  the probe model (``realign --probe-model``) and the separability pass hold a whole model on the
-  device;
+  host (finished blocks go back into the loaded storage) and the int8 codes of the finished blocks;
+  the two calibration streams (updated in place; the full-precision one also holds the block's
+  targets) on the host in float32 (``2 x N x T x hidden x 4`` bytes) or in memory-mapped files; on
+  the calibration device one block in float32 with its fake-quantized and transformed copies and
+  gradients (about 5 copies) and a batch's activations; the probe model (``realign
+  --probe-model``) and the separability pass hold a whole model on the device;
 - end-to-end engine (``aaq``): the whole model on the device in float32 (or its bf16 under
   ``--precision bf16``), the transformed weights kept for the backward pass (one layer's with
   activation checkpointing, every layer's without), the activations (one layer's plus the layer
   inputs with checkpointing), the logits and their float32 copies; the reference top-K cache on the
   host;
+- end-to-end finish: the trained model, the codes and the cast back to the model's dtype;
 - export: the model, its packed copy and the reloaded export side by side on the host.
 
 The memory constants are fitted to the CPU scaling table in BENCHMARKS.md ("Memory plan against measured
