@@ -153,6 +153,8 @@ def test_dense_scheme_with_eval(tiny_model_dir, tmp_path, capsys, shared_data):
     (["--method", "rtn", "--scheme", "w8a8", "--group-size", "32"], "quantizes weights per channel"),
     (["--method", "omniquant", "--scheme", "w8a8", "--epochs", "x"], "--epochs must be N or A,B"),
     (["--method", "omniquant", "--scheme", "w8a8", "--nsamples", "0"], "--nsamples must be at least 1"),
+    (["--method", "omniquant", "--scheme", "w8a8", "--stream-budget", "-1"], "--stream-budget must be non-negative"),
+    (["--method", "rtn", "--scheme", "w8a8", "--max-memory", "gpu=1G"], "--max-memory: unknown key 'gpu'"),
     (["--method", "omniquant", "--scheme", "w8a8", "--calib", "alpaka:calib"], "unknown prompt set 'alpaka:calib'"),
     (["--method", "omniquant", "--scheme", "w8a8", "--calib", "a=0.5,b=0.6"], "--calib shares must add up to 1"),
     (["--method", "rtn", "--scheme", "w8a8", "--eval", "wikitxt2"], "unknown suite 'wikitxt2'"),

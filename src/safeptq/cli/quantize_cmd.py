@@ -318,6 +318,8 @@ class QuantizeCommand(Command):
         if not 0 <= args.let_alpha <= 1:
             raise ConfigError(f"--let-alpha must be in [0, 1], got {args.let_alpha}")
         parse_epochs(args.epochs)
+        if args.stream_budget is not None and args.stream_budget < 0:
+            raise ConfigError(f"--stream-budget must be non-negative, got {args.stream_budget}")
 
     @classmethod
     def _check_work_dir(cls, work: Path, out: Path) -> None:
