@@ -258,7 +258,9 @@ def fold_end_to_end(model: nn.Module, transforms: E2ETransforms) -> None:
 def finalize_model(model: nn.Module, scheme: Scheme) -> dict[str, QuantizedWeight]:
     """The block-wise engine's finishing step for every layer: quantize the weights (RTN with the
     learned clipping), unwrap to plain linears, attach activation quantization hooks; returns
-    the exact integer parameters by linear name (for the exporter)."""
+    the exact integer parameters by linear name (for the exporter); their ``dequantized`` entries are
+    placeholders until :func:`~safeptq.quant.engine.share_dequantized` is called on the model in its
+    final place and dtype (as :func:`calibrate_end_to_end` does)."""
     _, layers, _, _ = decoder_parts(model)
     set_quantizers_enabled(model, True)
     qparams: dict[str, QuantizedWeight] = {}

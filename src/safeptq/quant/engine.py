@@ -237,20 +237,20 @@ def _fingerprint(model, calib: CalibSet, objective: BlockObjective, cfg: Blockwi
 def finish_layer(layer: nn.Module, index: int, scheme: Scheme) -> dict[str, QuantizedWeight]:
     """Quantize a wrapped decoder layer's weights (RTN with its learned clipping), unwrap it to plain
     linears and attach the scheme's activation quantization; returns the exact integer parameters
-    by linear name (for the exporter), on the CPU: the layer goes back there, and the accelerator
-    must not keep a copy of every quantized weight."""
+    by linear name (for the exporter), codes and scales on the CPU: the accelerator must not keep a
+    copy of every quantized weight. ``dequantized`` is a placeholder until :func:`share_dequantized`."""
     qparams = {}
     prefix = f"model.layers.{index}."
     for rel in LLAMA_LINEARS:
         mod = layer.get_submodule(rel)
         if isinstance(mod, QuantLinear) and mod.weight_quantizer is not None:
             deq, q, scale, zero = mod.quantized_weight()
-            # the dequantized weight is the folded linear's weight: shared below, not copied to the host
+            # the dequantized weight is the folded linear's weight: the caller shares it with
+            # share_dequantized once the layer has its final device and dtype (no copy to the host here)
             qparams[prefix + rel] = QuantizedWeight(torch.empty(deq.shape, dtype=deq.dtype, device="meta"),
                                                     q.cpu(), scale.cpu(), zero.cpu())
     unwrap_decoder_layer(layer, fold=True)
     attach_act_quant(layer, scheme)
-    share_dequantized(layer, qparams, prefix)
     return qparams
 
 
