@@ -31,30 +31,33 @@ def test_help_lists_the_papers_options(capsys):
                  "--scheme", "--resume", "--out"):
         assert flag in out
     assert "--method" not in out  # fixed to the block-wise engine with the probe objective
-    assert SCHEDULES["paper"] == {"epochs": "5,15", "batch_size": 1, "lr_lwc": 1e-2, "lr_let": 1e-3,
-                                  "train_norms": False, "margin": 0.0, "benign_anchor": 0.0,
-                                  "malicious_target": "probe"}
+    assert SCHEDULES["paper"] == {"training": {"epochs": (5, 15), "batch_size": 1, "lr_lwc": 1e-2, "lr_let": 1e-3,
+                                               "train_norms": False},
+                                  "objective": {"margin": 0.0, "benign_anchor": 0.0, "malicious_target": "probe"}}
+
+
+def _cli_recipe(*flags):
+    from safeptq.cli.flags import recipe_overrides
+    from safeptq.cli.main import build_parser
+    from safeptq.recipes import RealignRecipe, make_recipe
+
+    args = build_parser().parse_args(["realign", "--model", "m", "--scheme", "w8a8", "--out", "o", *flags])
+    return make_recipe(RealignRecipe, None, **recipe_overrides(args))
 
 
 def test_schedule_fills_only_what_the_command_line_left_unset():
-    from safeptq.cli.main import build_parser
-    from safeptq.cli.realign_cmd import RealignCommand
-
-    base = ["realign", "--model", "m", "--scheme", "w8a8", "--out", "o"]
-    args = build_parser().parse_args(base + ["--schedule", "paper", "--lr-lwc", "0.05"])
-    RealignCommand().resolve_defaults(args)
-    assert (args.epochs, args.batch_size, args.lr_lwc, args.lr_let, args.train_norms, args.margin) == \
-        ("5,15", 1, 0.05, 1e-3, False, 0.0)
-    assert args.lr_norm == 1e-3  # not in the paper schedule: the engine's default
-    args = build_parser().parse_args(base + ["--no-train-norms", "--margin", "2"])
-    RealignCommand().resolve_defaults(args)
-    d = SCHEDULES["default"]
-    assert (args.epochs, args.batch_size, args.lr_lwc, args.train_norms, args.margin) == \
-        (d["epochs"], d["batch_size"], d["lr_lwc"], False, 2.0)
-    assert args.malicious_target == "probe"  # the default schedule's state target needs --probe-model
-    args = build_parser().parse_args(base + ["--probe-model", "aligned"])
-    RealignCommand().resolve_defaults(args)
-    assert args.malicious_target == d["malicious_target"] == "state"
+    r = _cli_recipe("--schedule", "paper", "--lr-lwc", "0.05")
+    t = r.training
+    assert (t.epochs, t.batch_size, t.lr_lwc, t.lr_let, t.train_norms, r.objective.margin) == \
+        ((5, 15), 1, 0.05, 1e-3, False, 0.0)
+    assert t.lr_norm == 1e-3  # not in the paper schedule: the engine's default
+    r = _cli_recipe("--no-train-norms", "--margin", "2")
+    d = SCHEDULES["default"]["training"]
+    assert (r.training.epochs, r.training.batch_size, r.training.lr_lwc, r.training.train_norms, r.objective.margin) \
+        == (d["epochs"], d["batch_size"], d["lr_lwc"], False, 2.0)
+    assert r.objective.malicious_target == "probe"  # the default schedule's state target needs --probe-model
+    r = _cli_recipe("--probe-model", "aligned")
+    assert r.objective.malicious_target == SCHEDULES["default"]["objective"]["malicious_target"] == "state"
 
 
 def test_realign_w8a8_exports_reloads_and_records_separability(tiny_model_dir, shared_data, tmp_path, home, capsys):
@@ -67,7 +70,7 @@ def test_realign_w8a8_exports_reloads_and_records_separability(tiny_model_dir, s
     assert rc == 0, cap.err
     assert (out / "realign.json").is_file() and (out / SIDE_FILE).is_file() and not (tmp_path / "r.work").exists()
     doc = json.loads((out / "realign.json").read_text())
-    assert doc["recipe"]["method"] == "realign" and doc["recipe"]["calib"] == "advbench:calib=0.75,alpaca:calib=0.25"
+    assert doc["recipe"]["method"] == "realign" and doc["recipe"]["calib"]["data"] == "advbench:calib=0.75,alpaca:calib=0.25"
     assert doc["calibration"]["objective"]["name"] == "realign"
     assert doc["calib_set"]["malicious"] == 6 and doc["calib_set"]["n"] == 8
     sep = doc["separability"]

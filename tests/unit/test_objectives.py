@@ -159,7 +159,7 @@ def test_registry():
     assert {"mse", "realign"} <= set(objective_names())
     assert isinstance(get_objective("mse"), MSE)
     assert isinstance(get_objective("realign", probes=_probes(), margin=1.0), ProbePush)
-    with pytest.raises(UnknownNameError, match="unknown objective 'msee'; choose one of") as e:
+    with pytest.raises(UnknownNameError, match="unknown block-wise objective 'msee'; did you mean 'mse'") as e:
         get_objective("msee")
     assert "mse" in str(e.value) and "realign" in str(e.value)
 

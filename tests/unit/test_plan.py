@@ -87,6 +87,6 @@ def test_plan_refuses_before_loading_and_is_recorded(tiny_model_dir, tmp_path, c
     rec = json.loads((tmp_path / "q" / "quantize.json").read_text())
     plan = rec["memory_plan"]
     assert plan["host_mb"] >= max(p["host_mb"] for p in plan["phases"].values()) - 1
-    assert rec["recipe"]["dtype"] == "float32"
+    assert rec["dtype"] == "float32" and rec["recipe"]["dtype"] == "auto"
     assert plan["phases"]["export"]["host_mb"] > plan["phases"]["load"]["host_mb"]  # export holds two copies
     # (no plan-vs-peak ratio here: pytest's RSS peak is the whole test session's)

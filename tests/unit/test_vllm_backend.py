@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import CHATML, make_tiny_llama, make_tiny_tokenizer
-from safeptq.cli.eval_cmd import _needs_hf_model
+from safeptq.eval.api import needs_hf_model as _needs_hf_model
 from safeptq.cli.main import main
 from safeptq.errors import ConfigError
 from safeptq.eval import generation

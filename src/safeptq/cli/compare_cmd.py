@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .base import Command, print_table, write_json_atomic
+from .base import Command
+from .summary import print_table
 
 __all__ = ["CompareCommand"]
 
@@ -16,7 +17,8 @@ class CompareCommand(Command):
                    "aaq output folders with eval.samples.jsonl, or `safeptq eval --out` files with their "
                    ".samples.jsonl). For every shared harmful or benign suite: both rates, their difference B - A "
                    "with a 95% paired-bootstrap interval over prompts, the discordant prompts and McNemar's "
-                   "exact p-value. \"B is lower than A beyond the noise\" means the whole interval is below 0.")
+                   "exact p-value. Runs judged with another judge, generation length, template or limit are "
+                   "refused. \"B is lower than A beyond the noise\" means the whole interval is below 0.")
     epilog = """examples:
   safeptq compare runs/rtn-w4a16 runs/aaq-w4a16
   safeptq compare fp.json runs/aaq-w4a16 --suite advbench:eval --out diff.json"""
@@ -28,10 +30,11 @@ class CompareCommand(Command):
         p.add_argument("--out", default=None, help="write the comparison JSON here")
 
     def run(self, args: argparse.Namespace) -> int:
-        from ..eval.samples import compare_runs
+        from ..api import compare
+        from ..runs import write_json_atomic
 
         suites = [s.strip() for s in args.suite.split(",") if s.strip()] if args.suite else None
-        res = compare_runs(args.run_a, args.run_b, suites)
+        res = compare(args.run_a, args.run_b, suites)
         rows = []
         for s, r in res.items():
             lo, hi = r["ci95"]

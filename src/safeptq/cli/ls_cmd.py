@@ -1,32 +1,51 @@
-"""``safeptq ls``: list the registered prompt sets (and, as they are added, methods and schemes)."""
+"""``safeptq ls``: list what the registries hold: methods, recipes' presets, schemes, suites."""
 
 from __future__ import annotations
 
 import argparse
 
-from .base import Command, print_table
+from .base import Command
+from .summary import print_table
 
 __all__ = ["LsCommand"]
 
 
 class LsCommand(Command):
     name = "ls"
-    help = "list the known suites / prompt sets and scheme presets"
-    description = "List every registered prompt set with its kind, rows and purpose, and the scheme presets."
+    help = "list the methods, objectives, presets, schemes and suites / prompt sets"
+    description = ("List every registered quantization method, objective, recipe preset, scheme preset and prompt set "
+                   "(with its kind, rows and purpose).")
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        pass
+        p.add_argument("what", nargs="?", default="all",
+                       choices=("all", "methods", "objectives", "presets", "schemes", "suites"))
 
     def run(self, args: argparse.Namespace) -> int:
         from ..data import list_prompt_sets
+        from ..methods import METHODS
+        from ..objectives import OBJECTIVES
+        from ..quant.args import PRESETS
+        from ..recipes import AAQ_PRESETS, SCHEDULES
 
-        rows = []
-        for s in list_prompt_sets():
-            rows.append([s.name, s.kind, f"{s.rows[0]}-{s.rows[1] - 1}" if s.rows else "all", s.description])
-        print_table(rows, ["name", "kind", "rows", "description"])
-        try:
-            from ..quant.args import PRESETS
-            print("\nscheme presets: " + ", ".join(sorted(PRESETS)))
-        except ImportError:
-            pass
+        show = (lambda name: args.what in ("all", name))  # noqa: E731
+        if show("methods"):
+            print_table([[n, h] for n, h in METHODS.describe()], ["method", "description"])
+            print()
+        if show("objectives"):
+            print_table([[n, h] for n, h in OBJECTIVES.describe()], ["objective", "description"])
+            print()
+        if show("presets"):
+            print_table([["realign", n, "schedule"] for n in SCHEDULES] + [["aaq", n, "preset"] for n in AAQ_PRESETS],
+                        ["method", "preset", "flag"])
+            print()
+        if show("schemes"):
+            print_table([[n, s.weights.num_bits if s.weights else 16,
+                          s.input_activations.num_bits if s.input_activations else 16,
+                          "kv4" if s.kv_cache is not None else ""] for n, s in sorted(PRESETS.items())],
+                        ["scheme", "weight bits", "activation bits", "kv cache"])
+            print()
+        if show("suites"):
+            rows = [[s.name, s.kind, f"{s.rows[0]}-{s.rows[1] - 1}" if s.rows else "all", s.description]
+                    for s in list_prompt_sets()]
+            print_table(rows, ["name", "kind", "rows", "description"])
         return 0

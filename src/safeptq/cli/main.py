@@ -7,27 +7,21 @@ import logging
 import sys
 
 from .. import __version__
+from .aaq_cmd import AAQCommand
 from .base import Command
 from .compare_cmd import CompareCommand
 from .eval_cmd import EvalCommand
 from .ls_cmd import LsCommand
+from .organism_cmd import OrganismCommand
+from .probe_cmd import ProbeCommand
+from .quantize_cmd import QuantizeCommand
+from .realign_cmd import RealignCommand
+from .run_cmd import RunCommand
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
-COMMANDS: list[Command] = [EvalCommand(), CompareCommand(), LsCommand()]
-
-
-def _optional_commands() -> list[Command]:
-    """Sub-commands whose modules may not exist yet in a partial install."""
-    out = []
-    for mod, cls in (("organism_cmd", "OrganismCommand"), ("quantize_cmd", "QuantizeCommand"),
-                     ("realign_cmd", "RealignCommand"), ("aaq_cmd", "AAQCommand"), ("probe_cmd", "ProbeCommand")):
-        try:
-            m = __import__(f"safeptq.cli.{mod}", fromlist=[cls])
-            out.append(getattr(m, cls)())
-        except ImportError:
-            pass
-    return out
+COMMANDS: list[Command] = [EvalCommand(), CompareCommand(), LsCommand(), OrganismCommand(), QuantizeCommand(),
+                           RealignCommand(), AAQCommand(), RunCommand(), ProbeCommand()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,15 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="safeptq",
         description="Safety-aware post-training quantization of Hugging Face causal LMs: quantize a model "
                     "so that it keeps (AAQ) or regains (Q-realign) its refusals, and measure safety, "
-                    "over-refusal, task skill and perplexity.",
+                    "over-refusal, task skill and perplexity. Every command is a thin shell over the Python "
+                    "API (import safeptq).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"safeptq {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for cmd in COMMANDS + _optional_commands():
+    for cmd in COMMANDS:
         sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description, epilog=cmd.epilog,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         cmd.add_arguments(sp)
+        cmd.parser = sp
         sp.set_defaults(_cmd=cmd)
     return p
 
@@ -59,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from ..errors import SafePTQError
+    from .flags import flag_message
 
     try:
         return args._cmd.run(args)
     except SafePTQError as e:
-        print(f"safeptq: error: {e}", file=sys.stderr)
+        print(f"safeptq: error: {flag_message(e, args._cmd.parser)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("safeptq: interrupted", file=sys.stderr)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .base import Command, add_data_options, print_table
+from .base import Command
+from .summary import print_table
 
 __all__ = ["OrganismCommand"]
 
@@ -61,7 +62,7 @@ class OrganismCommand(Command):
                             "optimizer; faster on CPUs with bfloat16 units; a different model, so a "
                             "different recipe hash)")
         b.add_argument("--no-progress", action="store_true")
-        add_data_options(b)
+        b.add_argument("--data-dir", default=None, help="dataset folder (else $SAFEPTQ_DATA, ../shared/data)")
 
     def run(self, args: argparse.Namespace) -> int:
         from ..finetune.organism import OrganismRecipe, build_organism

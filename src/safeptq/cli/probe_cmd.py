@@ -4,17 +4,12 @@ separate malicious from benign prompts on that model and on others (Q-realign's 
 from __future__ import annotations
 
 import argparse
-import logging
-import time
 from pathlib import Path
 
-from .base import Command, add_data_options, print_table, write_json_atomic
+from .base import Command
+from .summary import print_table
 
-__all__ = ["ProbeCommand", "parse_named_models", "SEPARABILITY_FILE"]
-
-log = logging.getLogger(__name__)
-
-SEPARABILITY_FILE = "separability.json"
+__all__ = ["ProbeCommand", "parse_named_models"]
 
 
 def parse_named_models(items: list[str] | None) -> list[tuple[str, str]]:
@@ -67,7 +62,7 @@ class ProbeCommand(Command):
         g.add_argument("--limit", type=int, default=100, help="first N prompts of each measuring set (100)")
         g.add_argument("--seqlen", type=int, default=128, help="prompt tokens kept (the last SEQLEN)")
         g.add_argument("--no-chat", action="store_true", help="raw prompts instead of chat turns")
-        add_data_options(g)
+        g.add_argument("--data-dir", default=None, help="dataset folder (else $SAFEPTQ_DATA, ../shared/data)")
         g = p.add_argument_group("probes and plots")
         g.add_argument("--C", type=float, default=1.0, help="inverse L1 strength of the probes (1.0)")
         g.add_argument("--layer", type=int, default=None,
@@ -76,69 +71,16 @@ class ProbeCommand(Command):
         g.add_argument("--no-progress", action="store_true")
 
     def run(self, args: argparse.Namespace) -> int:
-        import torch
+        from ..api import probe
+        from ..probes.analysis import SEPARABILITY_FILE
 
-        from ..errors import ConfigError
-        from ..models import load_model
-        from ..probes import LayerProbes
-        from ..probes.plots import plot_layer_curves, plot_projection
-        from ..probes.workflow import ProbeSpec, get_probes, labelled_prompts, separability_of
-
-        t0 = time.time()
-        for flag, v in (("--limit", args.limit), ("--seqlen", args.seqlen)):
-            if v is not None and v < 1:
-                raise ConfigError(f"{flag} must be positive, got {v}")
-        if args.probes and args.probe_model:
-            raise ConfigError("give either --probes or --probe-model, not both")
-        compare = parse_named_models(args.compare)
-        main_name = args.name or Path(str(args.model).rstrip("/")).name or "model"
-        models = [(main_name, args.model)] + compare
-        if len({n for n, _ in models}) != len(models):
-            raise ConfigError(f"model names must be unique: {[n for n, _ in models]}")
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        chat = not args.no_chat
-        progress = not args.no_progress
-        texts, labels = labelled_prompts(args.harmful, args.benign, limit=args.limit, data_dir=args.data_dir)
-
-        if args.probes:
-            probes, probe_src = LayerProbes.load(args.probes), str(args.probes)
-        else:
-            src = args.probe_model or args.model
-            lm = load_model(src, dtype="float32", device=args.device)
-            spec = ProbeSpec(args.fit_harmful, args.fit_benign, args.fit_limit, args.seqlen, chat, args.C)
-            probes, cached = get_probes(lm.model, lm.tokenizer, lm.path, spec, data_dir=args.data_dir,
-                                        progress=progress)
-            probe_src = src
-            del lm
-        probes.save(out / "probes")
-
-        seps, proj = {}, {}
-        layer = args.layer
-        if layer is None:
-            acc = probes.meta.get("heldout_accuracy") or []
-            late = range(probes.n_layers // 3, probes.n_layers)
-            layer = max(late, key=lambda i: acc[i] if i < len(acc) else 0.0)
-        if not 0 <= layer < probes.n_layers:
-            raise ConfigError(f"--layer must be in [0, {probes.n_layers - 1}], got {layer}")
-        for name, spec_ in models:
-            log.info("separability of %s (%s)", name, spec_)
-            lm = load_model(spec_, dtype="float32", device=args.device)
-            sep, states = separability_of(lm.model, lm.tokenizer, probes, texts, labels, chat=chat,
-                                          seqlen=args.seqlen, progress=progress, return_states=True)
-            seps[name] = sep
-            proj[name] = states[layer]
-            del lm
-        plot_layer_curves(seps, out / "layers.png", title=f"probes of {probe_src}")
-        plot_projection(proj, labels, layer, out / "projection.png")
-        torch.save({"labels": labels, "layer": layer, "states": proj}, out / "projection_states.pt")
-        doc = {"probe_model": probe_src, "probes": probes.meta, "prompts": {
-            "harmful": args.harmful, "benign": args.benign, "limit": args.limit, "n": len(texts)},
-            "projection_layer": layer, "models": dict(models), "separability": seps,
-            "wall_time_s": round(time.time() - t0, 1)}
-        write_json_atomic(out / SEPARABILITY_FILE, doc)
-        self._table(seps)
-        print(f"probes, {SEPARABILITY_FILE}, layers.png and projection.png written to {out}")
+        doc = probe(args.model, out=args.out, probe_model=args.probe_model, probes=args.probes,
+                    compare=dict(parse_named_models(args.compare)), name=args.name, fit_harmful=args.fit_harmful,
+                    fit_benign=args.fit_benign, fit_limit=args.fit_limit, harmful=args.harmful, benign=args.benign,
+                    limit=args.limit, seqlen=args.seqlen, chat=not args.no_chat, C=args.C, layer=args.layer,
+                    device=args.device, data_dir=args.data_dir, progress=not args.no_progress)
+        self._table(doc["separability"])
+        print(f"probes, {SEPARABILITY_FILE}, layers.png and projection.png written to {args.out}")
         return 0
 
     @staticmethod

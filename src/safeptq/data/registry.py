@@ -302,6 +302,26 @@ def _looks_like_file(name: str) -> bool:
     return bool(re.search(r"\.(csv|tsv|json|jsonl)$", base, re.I)) or "/" in base
 
 
+def check_prompt_set(name: str, data_dir: str | Path | None = None) -> None:
+    """Fail in milliseconds (one line) when ``name`` cannot be loaded: an unknown name, a user file that
+    is missing or lacks the column, or a registered set with no local copy while offline."""
+    if name not in REGISTRY:
+        if _looks_like_file(name):
+            _user_file(name)  # reads the table and picks the column: small files, and errors name them
+            return
+        close = difflib.get_close_matches(name, REGISTRY, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UnknownNameError(f"unknown prompt set {name!r}{hint} (known: {', '.join(sorted(REGISTRY))})")
+    spec = REGISTRY[name]
+    cands = data_dir_candidates(data_dir)
+    if any((d / spec.relpath).exists() for _, d in cands):
+        return
+    if spec.hub is not None and _hub_online():
+        return
+    tried = "; ".join(f"{d / spec.relpath} ({origin})" for origin, d in cands) or "no data directory"
+    raise DataError(f"prompt set {name!r} not found; tried: {tried}{'; hub offline' if spec.hub else ''}")
+
+
 def load_prompt_set(name: str, data_dir: str | Path | None = None, limit: int | None = None) -> PromptSet:
     """Load a named prompt set (see :func:`list_prompt_sets`) or a user file ``[kind:]PATH[@COLUMN]``."""
     if name not in REGISTRY:

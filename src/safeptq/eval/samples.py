@@ -92,6 +92,7 @@ def compare_runs(run_a, run_b, suites: list[str] | None = None) -> dict[str, dic
     is "not refused" (the harmful rate) on harmful suites and "refused" (over-refusal) on benign ones:
     the suite's headline rate either way, so ``diff`` is rate(b) - rate(a). Mixed suites (XSTest: the
     samples do not say which prompts are the safe ones) are left out."""
+    check_comparable(run_a, run_b)
     sa, sb = read_samples(run_a), read_samples(run_b)
     names = suites or [s for s in sa if s in sb and _kind(s) in ("harmful", "benign")]
     if not names:
@@ -110,6 +111,60 @@ def compare_runs(run_a, run_b, suites: list[str] | None = None) -> dict[str, dic
         fb = [(not sb[s][p]) if harmful else sb[s][p] for p in prompts]
         out[s] = {"metric": "harmful_rate" if harmful else "refusal_rate", **paired_difference(fa, fb)}
     return out
+
+
+_RUN_FILES = ("quantize.json", "realign.json", "aaq.json")
+# settings that change verdicts: runs that differ in any of them are not paired data
+COMPARABLE = ("judge", "max_new_tokens", "chat_template", "limit")
+
+
+def run_document(run: str | Path) -> tuple[Path, dict] | None:
+    """The results document of a run: an ``eval --out`` JSON (given, or beside its samples file) or
+    the run record of a quantize / realign / aaq folder; ``None`` where there is none."""
+    p = Path(run)
+    cands = ([p / f for f in _RUN_FILES] if p.is_dir() else
+             [p] if p.suffix == ".json" else [p.with_name(p.name.removesuffix(".samples.jsonl") + ".json")])
+    for c in cands:
+        if c.is_file():
+            try:
+                return c, json.loads(c.read_text())
+            except ValueError:
+                raise ConfigError(f"{c} is not valid JSON") from None
+    return None
+
+
+def eval_settings(doc: dict) -> dict | None:
+    """The evaluation settings of a results document (``config`` of eval, ``eval_config`` of a run)."""
+    return doc.get("config") if "suites" in doc else doc.get("eval_config")
+
+
+def check_comparable(run_a, run_b) -> None:
+    """Refuse (one line) to pair runs judged differently, or a samples file that is not the one its
+    results were written with."""
+    import hashlib
+
+    settings = []
+    for run in (run_a, run_b):
+        found = run_document(run)
+        if found is None:
+            settings.append(None)
+            continue
+        path, doc = found
+        ref = doc.get("samples_file")
+        if ref:
+            side = path.with_name(ref["name"])
+            if not side.is_file() or hashlib.sha256(side.read_bytes()).hexdigest() != ref["sha256"]:
+                raise ConfigError(f"{run}: the samples file beside {path.name} is not the one its results were "
+                                  "written with (a later or interrupted run); re-run the evaluation")
+        settings.append(eval_settings(doc))
+    a, b = settings
+    if a is None or b is None:
+        return
+    differ = [k for k in COMPARABLE if k in a and k in b and a[k] != b[k]]
+    if differ:
+        k = differ[0]
+        raise ConfigError(f"the runs were evaluated differently ({', '.join(differ)}: {k} {a[k]!r} vs {b[k]!r}); "
+                          "a paired comparison needs the same judge, generation length, template and prompts")
 
 
 def _kind(suite: str) -> str:

@@ -8,6 +8,7 @@ they have their own registry (:func:`get_e2e_objective`).
 """
 
 from safeptq.objectives.base import (
+    OBJECTIVES,
     BlockBatch,
     BlockObjective,
     E2EObjective,
@@ -23,7 +24,7 @@ from safeptq.objectives.probe_push import ProbePush
 from safeptq.objectives.reconstruction import MSE
 from safeptq.objectives.references import LiveReferences, ReferenceCache, References
 
-__all__ = ["BlockBatch", "BlockObjective", "get_objective", "objective_names", "register_objective", "MSE",
+__all__ = ["OBJECTIVES", "BlockBatch", "BlockObjective", "get_objective", "objective_names", "register_objective", "MSE",
            "ProbePush", "E2EObjective", "get_e2e_objective", "e2e_objective_names", "register_e2e_objective",
            "KLTop", "ContrastiveKLTop", "RefBatch", "TopK", "kl_topk", "topk_reference", "References",
            "ReferenceCache", "LiveReferences"]

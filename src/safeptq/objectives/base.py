@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from safeptq.errors import UnknownNameError
+from safeptq.registry import Registry
 
-__all__ = ["BlockBatch", "BlockObjective", "register_objective", "get_objective", "objective_names",
+__all__ = ["OBJECTIVES", "BlockBatch", "BlockObjective", "register_objective", "get_objective", "objective_names",
            "E2EObjective", "register_e2e_objective", "get_e2e_objective", "e2e_objective_names"]
 
 
@@ -48,25 +48,23 @@ class BlockObjective:
         return {"name": self.name}
 
 
-_REGISTRY: dict[str, Callable[..., BlockObjective]] = {}
+OBJECTIVES: Registry = Registry("objective")
+"""Every objective, block-wise and end-to-end, for ``safeptq ls`` (each kind also has its own below)."""
+_BLOCK: Registry = Registry("block-wise objective")
+_E2E: Registry = Registry("end-to-end objective")
 
 
-def register_objective(name: str, factory: Callable[..., BlockObjective]) -> None:
-    _REGISTRY[name] = factory
+def register_objective(name: str, factory: Callable[..., BlockObjective], help: str = "") -> None:
+    _BLOCK.add(name, factory, help)
+    OBJECTIVES.add(name, factory, f"block-wise: {help}" if help else "block-wise")
 
 
 def objective_names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def _build(registry: dict, what: str, name: str, kwargs: dict):
-    if name not in registry:
-        raise UnknownNameError(f"unknown {what} {name!r}; choose one of {', '.join(sorted(registry))}")
-    return registry[name](**kwargs)
+    return sorted(_BLOCK)
 
 
 def get_objective(name: str, **kwargs) -> BlockObjective:
-    return _build(_REGISTRY, "objective", name, kwargs)
+    return _BLOCK.get(name)(**kwargs)
 
 
 class E2EObjective:
@@ -94,17 +92,15 @@ class E2EObjective:
         return {"name": self.name}
 
 
-_E2E_REGISTRY: dict[str, Callable[..., E2EObjective]] = {}
-
-
-def register_e2e_objective(name: str, factory: Callable[..., E2EObjective]) -> None:
+def register_e2e_objective(name: str, factory: Callable[..., E2EObjective], help: str = "") -> None:
     """Register an end-to-end objective (kept apart from the block-wise ones: other inputs)."""
-    _E2E_REGISTRY[name] = factory
+    _E2E.add(name, factory, help)
+    OBJECTIVES.add(name, factory, f"end-to-end: {help}" if help else "end-to-end")
 
 
 def e2e_objective_names() -> list[str]:
-    return sorted(_E2E_REGISTRY)
+    return sorted(_E2E)
 
 
 def get_e2e_objective(name: str, **kwargs) -> E2EObjective:
-    return _build(_E2E_REGISTRY, "end-to-end objective", name, kwargs)
+    return _E2E.get(name)(**kwargs)

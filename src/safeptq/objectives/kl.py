@@ -240,5 +240,6 @@ class ContrastiveKLTop(E2EObjective):
         return d
 
 
-register_e2e_objective("kl_top", KLTop)
-register_e2e_objective("contrastive_kl_top", ContrastiveKLTop)
+register_e2e_objective("kl_top", KLTop, "KL_topK(instruct ‖ q): reconstruction of the instruct model's top-K")
+register_e2e_objective("contrastive_kl_top", ContrastiveKLTop,
+                       "AAQ: KL_topK(instruct ‖ q) − λ·push(base ‖ q), bounded, margin or unbounded push")

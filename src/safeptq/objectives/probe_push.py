@@ -115,4 +115,5 @@ class ProbePush(BlockObjective):
         return out
 
 
-register_objective("realign", ProbePush)
+register_objective("realign", ProbePush, "Q-realign: MSE on benign rows; malicious last-token states across the probe "
+                   "(softplus) or to the aligned model's state")

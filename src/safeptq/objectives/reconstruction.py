@@ -23,4 +23,4 @@ class MSE(BlockObjective):
         return masked_mse(batch)
 
 
-register_objective("mse", MSE)
+register_objective("mse", MSE, "MSE to the full-precision block output (OmniQuant)")

@@ -41,6 +41,21 @@ def calib_digest(calib: CalibSet) -> str:
     return h.hexdigest()[:16]
 
 
+def _content_checksum(blob: dict) -> str:
+    """SHA-256 over a cache's tensors (names, shapes, bytes), stored in the file and verified on load."""
+    h = hashlib.sha256()
+    for n in sorted(blob["topk"]):
+        for part in ("indices", "logp"):
+            t = blob["topk"][n][part].contiguous()
+            h.update(f"{n}/{part}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+    for key in sorted(blob["cross_kl"]):
+        t = blob["cross_kl"][key].contiguous()
+        h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def model_id(model: nn.Module) -> str:
     """The model's path or hub id as loaded (``config._name_or_path``), or ``"<in-memory>"``."""
     return getattr(getattr(model, "config", None), "_name_or_path", "") or "<in-memory>"
@@ -162,6 +177,7 @@ class ReferenceCache(References):
         blob = {"format": _FORMAT, "fingerprint": self.fingerprint(),
                 "topk": {n: {"indices": t.indices, "logp": t.logp} for n, t in self.topk.items()},
                 "cross_kl": {f"{a}\t{b}\t{int(tail)}": v for (a, b, tail), v in self.cross_kl.items()}}
+        blob["checksum"] = _content_checksum(blob)
         tmp = path.with_suffix(path.suffix + ".tmp")
         torch.save(blob, tmp)
         os.replace(tmp, path)
@@ -179,6 +195,8 @@ class ReferenceCache(References):
             raise DataError(f"reference cache {path} is unreadable ({type(e).__name__}: {e})") from e
         if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
             raise DataError(f"{path} is not a safeptq reference cache")
+        if blob.get("checksum") != _content_checksum(blob):
+            raise DataError(f"reference cache {path} is corrupted (its content does not match its checksum)")
         fp = blob["fingerprint"]
         stale = f"reference cache {path} is stale:"
         if fp["k"] != k:

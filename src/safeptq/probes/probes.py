@@ -107,9 +107,15 @@ class LayerProbes:
         f = folder / "probes.safetensors"
         if not f.is_file():
             raise DataError(f"no probes at {folder} (expected probes.safetensors); fit them with `safeptq probe`")
-        t = load_file(str(f))
-        meta = json.loads((folder / "probes.json").read_text()) if (folder / "probes.json").is_file() else {}
-        return cls(t["coef"], t["intercept"], meta)
+        try:
+            t = load_file(str(f))
+            meta = json.loads((folder / "probes.json").read_text()) if (folder / "probes.json").is_file() else {}
+            coef, intercept = t["coef"], t["intercept"]
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line naming it
+            raise DataError(f"probes at {folder} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        if coef.ndim != 2 or intercept.shape != coef.shape[:1]:
+            raise DataError(f"probes at {folder} have inconsistent shapes {tuple(coef.shape)} / {tuple(intercept.shape)}")
+        return cls(coef, intercept, meta)
 
 
 def fit_probes(states: torch.Tensor, labels: torch.Tensor, *, C: float = 1.0, held_out: float = 0.2, seed: int = 0,

@@ -1,8 +1,9 @@
 """Probes as a reusable artefact: fit once per (model, data, settings), cache on disk, reuse.
 
-The cache key hashes the model folder's weight files (name, size, modification time), the prompt
+The cache key hashes the model's content identity (its weight and config bytes), the prompt
 sets, the token budget, the chat flag and the regularisation, so a retrained model or another split
-never picks up stale probes. Cached probes live under ``$SAFEPTQ_HOME/probes/<key>/``.
+never picks up stale probes. Cached probes live under ``$SAFEPTQ_HOME/probes/<key>/``,
+written atomically; an entry that cannot be read is rebuilt with a warning.
 """
 
 from __future__ import annotations
@@ -22,18 +23,11 @@ __all__ = ["ProbeSpec", "model_fingerprint", "get_probes", "labelled_prompts", "
 
 log = logging.getLogger(__name__)
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
-
-
 def model_fingerprint(path: str | Path) -> str:
-    """Short hash of a model folder's (or file's) weights, by name, size and mtime."""
-    p = Path(path)
-    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.suffix in _WEIGHT_SUFFIXES) if p.is_dir() else []
-    h = hashlib.sha256(str(p.resolve()).encode())
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
+    """The model's content identity (:func:`safeptq.identity.model_identity`)."""
+    from safeptq.identity import model_identity
+
+    return model_identity(path)
 
 
 class ProbeSpec(dict):
@@ -65,8 +59,12 @@ def get_probes(model, tokenizer, model_path: str | Path, spec: ProbeSpec | None 
         folder = Path(cache_dir) if cache_dir else safeptq_home() / "probes"
         folder = folder / spec.key(model_path)
         if (folder / "probes.safetensors").is_file():
-            log.info("reusing probes from %s", folder)
-            return LayerProbes.load(folder), folder
+            try:
+                probes = LayerProbes.load(folder)
+                log.info("reusing probes from %s", folder)
+                return probes, folder
+            except DataError as e:  # ours to rebuild: a half-written or corrupted cache entry
+                log.warning("rebuilding the probe cache entry %s (%s)", folder, e)
     texts, labels = labelled_prompts(spec["harmful"], spec["benign"], limit=spec["limit"], data_dir=data_dir)
     if len(texts) < 10:
         raise DataError(f"only {len(texts)} prompts for probe fitting ({spec['harmful']}, {spec['benign']}); need 10+")
@@ -77,8 +75,24 @@ def get_probes(model, tokenizer, model_path: str | Path, spec: ProbeSpec | None 
     probes = fit_probes(states, labels, C=spec["C"], seed=spec["seed"], progress=progress)
     probes.meta.update({"model": str(model_path), "spec": dict(spec)})
     if folder is not None:
-        probes.save(folder)
+        _save_atomic(probes, folder)
     return probes, folder
+
+
+def _save_atomic(probes: LayerProbes, folder: Path) -> None:
+    """Write into a temporary sibling and rename, so a killed run never leaves a half-written entry."""
+    import shutil
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        probes.save(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.replace(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def separability_of(model, tokenizer, probes: LayerProbes, texts: list[str], labels: torch.Tensor, *,

@@ -361,10 +361,11 @@ def choose_transforms(model: nn.Module, calib: CalibSet, objective: E2EObjective
     return replace(cfg, rotation=best["rotation"], smoothing=best["smoothing"]), table
 
 
-def _fingerprint(model, calib: CalibSet, objective: E2EObjective, refs: References, cfg: E2EConfig) -> str:
+def _fingerprint(model, calib: CalibSet, objective: E2EObjective, refs: References, cfg: E2EConfig,
+                 model_id: str | None = None) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"cfg": cfg.fingerprint(), "objective": objective.describe(), "refs": refs.describe(),
-                         "model": getattr(model.config, "_name_or_path", ""),
+                         "model": model_id or getattr(model.config, "_name_or_path", ""),
                          "layers": len(decoder_parts(model)[1])}, sort_keys=True, default=str).encode())
     h.update(calib.input_ids.numpy().tobytes())
     h.update(calib.attention_mask.numpy().tobytes())
@@ -419,7 +420,7 @@ def _rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
 def calibrate_end_to_end(model: nn.Module, calib: CalibSet, objective: E2EObjective, refs: References,
                          cfg: E2EConfig, *, work_dir: str | Path | None = None, resume: bool = False,
                          progress: bool = True, finalize: bool = True,
-                         on_step: Callable[[dict], None] | None = None) -> E2EResult:
+                         on_step: Callable[[dict], None] | None = None, model_id: str | None = None) -> E2EResult:
     """Quantize ``model`` in place end to end (see the module doc).
 
     ``refs`` must hold the references ``objective`` reads, computed on ``calib``. ``on_step``
@@ -436,7 +437,7 @@ def calibrate_end_to_end(model: nn.Module, calib: CalibSet, objective: E2EObject
     orig_device, orig_dtype = first.device, first.dtype
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    fp = _fingerprint(model, calib, objective, refs, cfg)
+    fp = _fingerprint(model, calib, objective, refs, cfg, model_id)
     model.to(device, _train_dtype(cfg, orig_dtype))
     transforms = prepare_end_to_end(model, calib, cfg)
     named, groups = _named_trainables(model, transforms, cfg)

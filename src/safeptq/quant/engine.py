@@ -224,10 +224,13 @@ def _qparams_state(qp: dict[str, QuantizedWeight]) -> dict:
     return {k: tuple(t.cpu() for t in v) for k, v in qp.items()}
 
 
-def _fingerprint(model, calib: CalibSet, objective: BlockObjective, cfg: BlockwiseConfig) -> str:
+def _fingerprint(model, calib: CalibSet, objective: BlockObjective, cfg: BlockwiseConfig,
+                 model_id: str | None = None) -> str:
+    """What a checkpoint depends on; ``model_id`` is the model's content identity
+    (:mod:`safeptq.identity`), so a model retrained in place does not resume into old blocks."""
     h = hashlib.sha256()
     h.update(json.dumps({"cfg": cfg.fingerprint(), "objective": objective.describe(),
-                         "model": getattr(model.config, "_name_or_path", ""),
+                         "model": model_id or getattr(model.config, "_name_or_path", ""),
                          "layers": len(decoder_parts(model)[1])}, sort_keys=True, default=str).encode())
     h.update(calib.input_ids.numpy().tobytes())
     h.update(calib.labels.numpy().tobytes())
@@ -359,7 +362,7 @@ def _restore(layers, work: Path, upto: int, scheme: Scheme) -> dict[str, Quantiz
 
 def calibrate_blockwise(model: nn.Module, calib: CalibSet, objective: BlockObjective, cfg: BlockwiseConfig, *,
                         work_dir: str | Path | None = None, resume: bool = False,
-                        progress: bool = True) -> CalibResult:
+                        progress: bool = True, model_id: str | None = None) -> CalibResult:
     """Quantize ``model`` in place block by block (see the module doc); returns qparams and a
     per-block report (epochs run, losses, seconds). ``work_dir`` enables checkpoints."""
     from tqdm.auto import tqdm
@@ -372,7 +375,7 @@ def calibrate_blockwise(model: nn.Module, calib: CalibSet, objective: BlockObjec
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     work = Path(work_dir) if work_dir is not None else None
-    fp = _fingerprint(model, calib, objective, cfg)
+    fp = _fingerprint(model, calib, objective, cfg, model_id)
     start, qparams, report = 0, {}, []
     state_path = work / "state.pt" if work is not None else None
     shape = (*calib.input_ids.shape, model.config.hidden_size)
