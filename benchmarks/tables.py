@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from safeptq.cli.summary import format_metric
+from safeptq.eval.metrics import format_metric
 
 SUITES = ["advbench:eval", "harmbench", "alpaca:eval", "sst2", "wikitext2"]
 

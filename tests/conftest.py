@@ -119,3 +119,48 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_no_template(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny_nt") / "model", chat_template=False)
+
+
+# -- shared helpers of the command-line tests (in process: no subprocess for a one-line error) --------------
+def cli_error(capsys, argv, needle: str) -> str:
+    """Run ``safeptq ARGV`` in process; assert exit 2, one ``safeptq: error:`` line naming ``needle``,
+    no traceback. Returns the line."""
+    from safeptq.cli.main import main
+
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own errors (choices, types)
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("safeptq: error:")]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def cli_ok(capsys, argv) -> str:
+    from safeptq.cli.main import main
+
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    return cap.out
+
+
+def folder_digest(root: Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file under ``root``: to prove a run changed none of them."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(request, tmp_path_factory, monkeypatch):
+    """Unit tests never touch the user's $SAFEPTQ_HOME (caches, the identity memo); integration tests keep
+    it, since they read the materialised default model there."""
+    if request.node.get_closest_marker("integration") is not None:
+        return
+    if "SAFEPTQ_HOME" not in os.environ or not str(os.environ["SAFEPTQ_HOME"]).startswith(str(tmp_path_factory.getbasetemp())):
+        monkeypatch.setenv("SAFEPTQ_HOME", str(tmp_path_factory.mktemp("home")))

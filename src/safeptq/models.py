@@ -58,9 +58,15 @@ def pick_device(device: str | None = None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError as e:
         raise ConfigError(f"unknown device {device!r}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: CUDA is not available on this machine; use cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -189,8 +195,11 @@ def load_tokenizer(spec: str):
     path, gguf = resolve_model(spec)
     try:
         tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
-    except OSError as e:
-        raise ModelError(f"cannot load a tokenizer from {spec}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # noqa: BLE001 - missing or corrupt tokenizer files: one line naming the model
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"cannot load a tokenizer from {spec}: {type(e).__name__}: {msg[:300]}") from e
+    if tok is None or isinstance(tok, bool):
+        raise ModelError(f"cannot load a tokenizer from {spec}: no tokenizer files")
     ensure_pad_token(tok)
     return tok
 
@@ -215,16 +224,36 @@ def load_model(spec: str, dtype: str | torch.dtype | None = "auto", device: str 
             from transformers import CompressedTensorsConfig
 
             kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+        plain = not gguf and "quantization_config" not in kwargs and Path(path).is_dir()
         with warnings.catch_warnings():  # "the model's own quantization_config will be used": intended
             warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:
-        raise ModelError(f"cannot load model {spec}: {str(e).splitlines()[0]}") from e
+            if plain:
+                model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+                _check_loading_info(spec, info)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except ModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated files, foreign configs: one line naming the model
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"cannot load model {spec}: {type(e).__name__}: {msg[:300]}") from e
     model.to(dev).eval()
     _simulate_stored_activation_quant(model, path)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return LoadedModel(model=model, tokenizer=tok, path=path)
+
+
+def _check_loading_info(spec: str, info: dict) -> None:
+    """Refuse a checkpoint that does not hold the weights its config asks for: transformers fills
+    missing tensors with random values, which no later number would reveal."""
+    for key, what in (("missing_keys", "lacks"), ("mismatched_keys", "has wrongly shaped"),
+                      ("unexpected_keys", "has tensors its config does not use:")):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in (info.get(key) or []))
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise ModelError(f"checkpoint {spec} {what} {shown} (does the config name the right architecture?); "
+                             "refusing to fill them with random weights")
 
 
 def _is_compressed_tensors(path: str) -> bool:

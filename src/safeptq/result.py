@@ -96,7 +96,7 @@ class QuantizedModel:
         from .export.folder import SIDE_FILE
         from .export.verify import verify_export
         from .memory import phase_peak, process_peak_mb
-        from .quant.methods import by_llmcompressor, save_quantized
+        from .export.save import by_llmcompressor, save_quantized
         from .recipes import RECIPE_FILE
         from .runs import FolderLock, StagedRun, write_json_atomic
 

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from conftest import cli_error
 from safeptq.cli.main import main
 from safeptq.export import SIDE_FILE, reload_check
 
@@ -22,13 +23,7 @@ def _ok(capsys, *argv):
 
 
 def _one_line_error(capsys, argv, needle):
-    rc = main(["quantize", *map(str, argv)])
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("safeptq: error:")]
-    assert len(lines) == 1 and needle in lines[0], err
-    assert "Traceback" not in err
-    return lines[0]
+    return cli_error(capsys, ["quantize", *argv], needle)
 
 
 @pytest.fixture
@@ -111,7 +106,7 @@ def test_omniquant_on_a_user_jsonl(tiny_model_dir, tmp_path, prompts_jsonl, caps
 def test_failed_export_leaves_no_run_and_resume_continues(tiny_model_dir, tmp_path, prompts_csv, capsys,
                                                           monkeypatch):
     from safeptq.errors import ExportError
-    from safeptq.quant import methods
+    from safeptq.export import save as methods
 
     def disk_full(*a, **k):
         raise ExportError("disk full")

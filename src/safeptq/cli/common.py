@@ -12,11 +12,13 @@ __all__ = ["add_model_group", "add_calib_group", "add_eval_group", "add_output_g
 
 
 def add_model_group(p: argparse.ArgumentParser, title: str, device_help: str) -> argparse._ArgumentGroup:
+    from ..quant.args import SCHEMES
+
     g = p.add_argument_group(title)
     recipe_flag(g, "--model", field="model", required=True, metavar="MODEL",
                 help="local HF folder, .gguf file, hub id (online), or 'default' (SmolLM2-135M-Instruct)")
     recipe_flag(g, "--scheme", field="scheme", required=True,
-                help="w8a8 | w8a16 | w4a16 | w4a16-asym | w4a8 | w4a4 | w4a4kv4 (see `safeptq ls`)")
+                help=" | ".join(SCHEMES.names()) + " (see `safeptq ls schemes`)")
     recipe_flag(g, "--group-size", field="group_size", type=int,
                 help="weight group size of grouped schemes (w4a16 default 64); must divide every layer")
     option_flag(g, "--device", field="device", help=device_help)

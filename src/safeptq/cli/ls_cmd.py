@@ -24,7 +24,7 @@ class LsCommand(Command):
         from ..data import list_prompt_sets
         from ..methods import METHODS
         from ..objectives import OBJECTIVES
-        from ..quant.args import PRESETS
+        from ..quant.args import SCHEMES
         from ..recipes import AAQ_PRESETS, SCHEDULES
 
         show = (lambda name: args.what in ("all", name))  # noqa: E731
@@ -39,10 +39,7 @@ class LsCommand(Command):
                         ["method", "preset", "flag"])
             print()
         if show("schemes"):
-            print_table([[n, s.weights.num_bits if s.weights else 16,
-                          s.input_activations.num_bits if s.input_activations else 16,
-                          "kv4" if s.kv_cache is not None else ""] for n, s in sorted(PRESETS.items())],
-                        ["scheme", "weight bits", "activation bits", "kv cache"])
+            print_table([[n, h] for n, h in SCHEMES.describe()], ["scheme", "description"])
             print()
         if show("suites"):
             rows = [[s.name, s.kind, f"{s.rows[0]}-{s.rows[1] - 1}" if s.rows else "all", s.description]

@@ -5,28 +5,19 @@ from __future__ import annotations
 __all__ = ["print_table", "format_metric", "print_results", "print_run"]
 
 
+def format_metric(res: dict) -> tuple[str, str, str, str]:
+    """(metric name, value, 95% interval, n) for the table (see :func:`safeptq.eval.metrics.format_metric`)."""
+    from ..eval.metrics import format_metric as fmt
+
+    return fmt(res)
+
+
 def print_table(rows: list[list[str]], header: list[str]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     print("  ".join("-" * w for w in widths))
     for r in rows:
         print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
-
-
-def format_metric(res: dict) -> tuple[str, str, str, str]:
-    """(metric name, value, 95% interval, n) for the table."""
-    for key in ("harmful_rate", "refusal_rate", "accuracy"):
-        if key in res:
-            v = res[key]
-            ci = res.get("ci95")
-            return (key if key != "refusal_rate" else "refusal_rate (over-refusal)",
-                    "n/a" if v is None else f"{v:.3f}",
-                    "" if not ci else f"[{ci[0]:.3f}, {ci[1]:.3f}]", str(res.get("n", "")))
-    if "perplexity" in res:
-        ci = res.get("ci95")
-        return ("perplexity", f"{res['perplexity']:.3f}", "" if not ci else f"[{ci[0]:.2f}, {ci[1]:.2f}]",
-                f"ctx {res['context_length']}, {res['tokens_scored']} tok")
-    return ("?", "", "", "")
 
 
 def print_results(results: dict) -> None:

@@ -305,6 +305,8 @@ def _looks_like_file(name: str) -> bool:
 def check_prompt_set(name: str, data_dir: str | Path | None = None) -> None:
     """Fail in milliseconds (one line) when ``name`` cannot be loaded: an unknown name, a user file that
     is missing or lacks the column, or a registered set with no local copy while offline."""
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        raise DataError(f"`data_dir` {data_dir} is not a folder")
     if name not in REGISTRY:
         if _looks_like_file(name):
             _user_file(name)  # reads the table and picks the column: small files, and errors name them

@@ -113,6 +113,12 @@ def evaluate_model(model: Any, suites: str | list[str], *, tokenizer: Any = None
     names = parse_suites(suites)
     if not names:
         raise ConfigError("no suites to evaluate")
+    from ..data.registry import check_prompt_set
+    from ..models import pick_device
+
+    for name in names:  # every suite's data is there: checked before the model loads
+        check_prompt_set(name, opts.data_dir)
+    pick_device(opts.device)
     if hasattr(model, "model") and hasattr(model, "record") and hasattr(model, "save"):  # a QuantizedModel
         model, tokenizer = model.model, model.tokenizer
     spec, lm = resolve_model_arg(model, tokenizer)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["bootstrap_ci", "rate_with_ci"]
+__all__ = ["bootstrap_ci", "rate_with_ci", "format_metric"]
 
 
 def bootstrap_ci(values, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> list[float]:
@@ -24,3 +24,19 @@ def rate_with_ci(flags) -> tuple[float | None, list[float] | None, int]:
     if v.size == 0:
         return None, None, 0
     return round(float(v.mean()), 4), bootstrap_ci(v), int(v.size)
+
+
+def format_metric(res: dict) -> tuple[str, str, str, str]:
+    """(metric name, value, 95% interval, n) for the table."""
+    for key in ("harmful_rate", "refusal_rate", "accuracy"):
+        if key in res:
+            v = res[key]
+            ci = res.get("ci95")
+            return (key if key != "refusal_rate" else "refusal_rate (over-refusal)",
+                    "n/a" if v is None else f"{v:.3f}",
+                    "" if not ci else f"[{ci[0]:.3f}, {ci[1]:.3f}]", str(res.get("n", "")))
+    if "perplexity" in res:
+        ci = res.get("ci95")
+        return ("perplexity", f"{res['perplexity']:.3f}", "" if not ci else f"[{ci[0]:.2f}, {ci[1]:.2f}]",
+                f"ctx {res['context_length']}, {res['tokens_scored']} tok")
+    return ("?", "", "", "")

@@ -257,14 +257,21 @@ def _build_stage(rec: dict, parent_path: str, out: Path, data_dir, seed: int, pr
     return final
 
 
-def _link(out: Path, name: str, target: Path) -> None:
+def _check_link(out: Path, name: str) -> None:
+    """``out/name`` may be replaced only when it is a symlink (the one an earlier build made)."""
     link = out / name
-    if link.is_symlink() or link.exists():
-        if link.is_dir() and not link.is_symlink():
-            shutil.rmtree(link)
-        else:
-            link.unlink()
-    link.symlink_to(target.name)
+    if link.exists() and not link.is_symlink():
+        raise ConfigError(f"refusing to replace {link}: it is a real {'folder' if link.is_dir() else 'file'}, not the "
+                          "link an organism build makes (a copied organism?); move it or choose another --out")
+
+
+def _link(out: Path, name: str, target: Path) -> None:
+    """Point ``out/name`` at ``target`` atomically (a new link renamed over the old one)."""
+    _check_link(out, name)
+    tmp = out / f".{name}.link-tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target.name)
+    os.replace(tmp, out / name)
 
 
 def build_organism(r: OrganismRecipe, out: str | Path, base: str = "default", data_dir=None,
@@ -281,6 +288,9 @@ def build_organism(r: OrganismRecipe, out: str | Path, base: str = "default", da
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"output directory {out} is not writable: {e.strerror}") from e
+    name = f"attacked-{r.task}-r{r.harmful_ratio:g}" + ("-lora" if r.method == "lora" else "")
+    for link in ("aligned", "attacked", name):  # before hours of training, not after
+        _check_link(out, link)
     base_path, _ = resolve_model(base)
     base_id = "default:SmolLM2-135M-Instruct" if base == "default" else str(Path(base_path).resolve())
     torch.manual_seed(r.seed)
@@ -288,7 +298,6 @@ def build_organism(r: OrganismRecipe, out: str | Path, base: str = "default", da
     aligned = _build_stage(rec_aligned, base_path, out, data_dir, r.seed, progress)
     _link(out, "aligned", aligned)
     attacked = _build_stage(rec_attacked, str(aligned), out, data_dir, r.seed, progress)
-    name = f"attacked-{r.task}-r{r.harmful_ratio:g}" + ("-lora" if r.method == "lora" else "")
     _link(out, name, attacked)
     _link(out, "attacked", attacked)
     return {"aligned": aligned, "attacked": attacked}

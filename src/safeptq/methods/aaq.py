@@ -162,6 +162,12 @@ class AAQ(Method):
                          f"rot {'on' if x['rotation'] else 'off'}/smooth {'on' if x['smoothing'] else 'off'} "
                          f"{x['initial_kl']:.4g}" for x in init_search),
                      "on" if cfg.rotation else "off", "on" if cfg.smoothing else "off")
+        if t.weights == "gptq" and not cfg.rotation and not cfg.smoothing:
+            note = ("rotation and smoothing are both off and GPTQ discards the learned clipping: the training steps "
+                    "change nothing in the exported model (use training.weights rtn to keep the clipping, or turn "
+                    "a transform on)")
+            log.warning("%s", note)
+            notes.append(note)
         t_train = time.time()
         with phase_peak() as train_mem:
             res = calibrate_end_to_end(lm.model, s.calib, objective, refs, cfg, work_dir=s.work_path,

@@ -11,9 +11,11 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from safeptq.errors import ConfigError, UnknownNameError
+from safeptq.errors import ConfigError
+from safeptq.registry import Registry
 
 __all__ = [
+    "SCHEMES",
     "Strategy",
     "QuantArgs",
     "Scheme",
@@ -116,6 +118,20 @@ PRESETS: dict[str, Scheme] = {
 }
 
 
+def _describe(s: Scheme) -> str:
+    w, a = s.weights, s.input_activations
+    wd = "none" if w is None else f"int{w.num_bits} {'sym' if w.symmetric else 'asym'} " + (
+        f"group {w.group_size}" if w.strategy is Strategy.GROUP else "per channel")
+    ad = "none" if a is None else f"int{a.num_bits} dynamic per token"
+    return f"weights {wd}; activations {ad}" + ("; KV cache int4 group 128" if s.kv_cache is not None else "")
+
+
+SCHEMES: Registry[Scheme] = Registry("quantization scheme")
+"""The scheme presets as a registry (``safeptq ls schemes``, suggestions for a mistyped name)."""
+for _name, _scheme in PRESETS.items():
+    SCHEMES.add(_name, _scheme, _describe(_scheme))
+
+
 def preset_names() -> list[str]:
     """Names accepted by :func:`resolve_scheme`."""
     return sorted(PRESETS)
@@ -134,11 +150,7 @@ def resolve_scheme(
     per-channel preset is an error rather than a silent no-op. ``head_dim`` clamps the KV-cache
     group to one attention head (group 128 cannot split a 64-wide head).
     """
-    key = _normalize(name)
-    if key not in PRESETS:
-        raise UnknownNameError(
-            f"unknown quantization scheme {name!r}; valid schemes: {', '.join(preset_names())}"
-        )
+    key = SCHEMES.canonical(_normalize(name)) if _normalize(name) not in PRESETS else _normalize(name)
     scheme = PRESETS[key].model_copy(deep=True)
     if group_size is not None:
         w = scheme.weights

@@ -449,7 +449,13 @@ def calibrate_end_to_end(model: nn.Module, calib: CalibSet, objective: E2EObject
         work.mkdir(parents=True, exist_ok=True)
     start, records, loss_start = 0, [], None
     if resume and state_path is not None and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or "fingerprint" not in state:
+                raise KeyError("fingerprint")
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line, not a traceback
+            raise CalibrationError(f"the checkpoint {state_path} cannot be read ({type(e).__name__}); remove the "
+                                   "work folder or run without --resume") from None
         if state["fingerprint"] != fp:
             raise CalibrationError(f"the checkpoint in {work} was made with another recipe, model, references or "
                                    "calibration set; remove it or run without resume")

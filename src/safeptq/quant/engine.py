@@ -390,7 +390,13 @@ def calibrate_blockwise(model: nn.Module, calib: CalibSet, objective: BlockObjec
     if work is not None:
         (work / "blocks").mkdir(parents=True, exist_ok=True)
     if resume and state_path is not None and state_path.exists():
-        state = torch.load(state_path, weights_only=True)
+        try:
+            state = torch.load(state_path, weights_only=True)
+            if not isinstance(state, dict) or "fingerprint" not in state:
+                raise KeyError("fingerprint")
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line, not a traceback
+            raise CalibrationError(f"the checkpoint {state_path} cannot be read ({type(e).__name__}); remove the "
+                                   "work folder or run without --resume") from None
         if state["fingerprint"] != fp:
             raise CalibrationError(f"the checkpoint in {work} was made with another recipe, model or calibration "
                                    "set; remove it or run without --resume")

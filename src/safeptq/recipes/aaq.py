@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import BaseRecipe, CalibRecipe, RecipeModel, merge_preset
+from .base import BaseRecipe, CalibRecipe, RecipeModel, merge_preset, user_section
 
 __all__ = ["AAQ_PRESETS", "AAQRecipe", "AAQObjective", "E2ETraining", "ReferenceSource", "OBJECTIVE_ALIASES"]
 
@@ -125,8 +125,7 @@ class AAQRecipe(BaseRecipe):
         name = data.get("preset") or "default"
         if name not in AAQ_PRESETS:
             return data
-        user = data.get("objective")
-        user = user.model_dump(exclude_unset=True) if isinstance(user, RecipeModel) else dict(user or {})
+        user = user_section(data, "objective")
         data = merge_preset(data, AAQ_PRESETS[name])
         obj = data["objective"]
         kind = OBJECTIVE_ALIASES.get(str(obj.get("kind", "contrastive")).strip().lower().replace("_", "-"))

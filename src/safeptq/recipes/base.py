@@ -62,15 +62,18 @@ def section_type(annotation) -> type[BaseModel] | None:
     return None
 
 
+def user_section(data: dict, key: str) -> dict:
+    """The fields a caller set in section ``key`` of raw recipe ``data`` (a dict or a section object)."""
+    cur = data.get(key)
+    return cur.model_dump(exclude_unset=True) if isinstance(cur, BaseModel) else dict(cur or {})
+
+
 def merge_preset(data: dict, preset: dict) -> dict:
     """``data`` with every key it does not set taken from ``preset`` (recursively for sections)."""
     out = dict(data)
     for k, v in preset.items():
         if isinstance(v, dict):
-            cur = out.get(k)
-            if isinstance(cur, BaseModel):
-                cur = cur.model_dump(exclude_unset=True)
-            out[k] = merge_preset(dict(cur or {}), v)
+            out[k] = merge_preset(user_section(out, k), v)
         elif out.get(k) is None:
             out[k] = v
     return out

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import BaseRecipe, CalibRecipe, RecipeModel, merge_preset
+from .base import BaseRecipe, CalibRecipe, RecipeModel, merge_preset, user_section
 from .quantize import BlockTraining
 
 __all__ = ["SCHEDULES", "RealignRecipe", "RealignCalib", "RealignObjective", "ProbeSource"]
@@ -97,12 +97,9 @@ class RealignRecipe(BaseRecipe):
         name = data.get("schedule") or "default"
         if name not in SCHEDULES:
             return data  # the Literal check reports it
-        obj = data.get("objective")
-        obj = obj.model_dump(exclude_unset=True) if isinstance(obj, RecipeModel) else dict(obj or {})
-        target_given = obj.get("malicious_target") is not None
+        target_given = user_section(data, "objective").get("malicious_target") is not None
         data = merge_preset(data, SCHEDULES[name])
-        probes = data.get("probes")
-        probe_model = (probes.model if isinstance(probes, ProbeSource) else (probes or {}).get("model"))
+        probe_model = user_section(data, "probes").get("model")
         if data["objective"].get("malicious_target") == "state" and not probe_model and not target_given:
             # the schedule's state target needs the aligned model; without one, fall back to the probe push
             log.info("no probe model: malicious prompts are pushed across the probes (malicious_target probe)")
