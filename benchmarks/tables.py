@@ -41,7 +41,7 @@ def aaq_table(paths: list[str]) -> None:
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for p, d in docs:
-        rec, ev = d["recipe"], d.get("eval") or {}
+        rec, ev = _flat_recipe(d), d.get("eval") or {}
         method = rec["method"] if rec["method"] != "aaq" else rec.get("objective", "aaq")
         if method == "contrastive":
             method = f"aaq ({rec.get('push')})"
@@ -63,6 +63,21 @@ def aaq_table(paths: list[str]) -> None:
                                  _cell(ev.get("advbench:eval")),
                                  _cell(ev.get("alpaca:eval")), _cell(ev.get("wikitext2")), ratio,
                                  "—" if t is None else f"{t:.0f}", "—" if not rss else f"{rss:.0f}"]) + " |")
+
+
+def _flat_recipe(doc: dict) -> dict:
+    """The run record's recipe as the flat dict of safeptq 0.1 records (0.2 nests it in sections)."""
+    r = doc["recipe"]
+    if not isinstance(r.get("calib"), dict) and "training" not in r:
+        return r
+    o, c, t = r.get("objective") or {}, r.get("calib") or {}, r.get("training") or {}
+    flat = {"method": r["method"], "group_size": r.get("group_size"), "calib": c.get("data"),
+            "calib_replies": c.get("replies")}
+    if r["method"] == "aaq":
+        flat.update(objective=o.get("kind"), push=o.get("push"), **{"lambda": o.get("lam")},
+                    transforms=doc.get("transforms"),
+                    weights="llm-compressor GPTQ" if t.get("weights") == "gptq" else "round to nearest")
+    return flat
 
 
 def main(folders: list[str]) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .errors import ConfigError, ExportError
 
-__all__ = ["MARKER", "WORK_MARKER", "new_run_id", "write_json_atomic", "check_out_target", "FolderLock",
+__all__ = ["MARKER", "WORK_MARKER", "new_run_id", "write_json_atomic", "save_torch_atomic", "json_safe", "check_out_target", "FolderLock",
            "StagedRun", "WorkFolder"]
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,20 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:8]
 
 
+def json_safe(obj):
+    """``obj`` with every NaN / infinity replaced by ``None``: strict JSON that every reader accepts
+    (a bare ``NaN`` is not JSON), and a run never fails at its last write over one such number."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: str | Path, obj) -> Path:
     """Write JSON via a temp file + rename so a killed run never leaves a truncated result."""
     path = Path(path)
@@ -50,12 +64,24 @@ def write_json_atomic(path: str | Path, obj) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, allow_nan=False, default=str)
+            json.dump(json_safe(obj), f, indent=2, allow_nan=False, default=str)
             f.write("\n")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return path
+
+
+def save_torch_atomic(obj, path: str | Path) -> Path:
+    """``torch.save`` via a temp file + rename: a checkpoint is either the old one or the new one."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
     return path
 
 

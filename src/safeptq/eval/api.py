@@ -129,8 +129,9 @@ def evaluate_model(model: Any, suites: str | list[str], *, tokenizer: Any = None
 
             check_vllm_folder(resolve_model(spec)[0])
         lm = load_model(spec, dtype=opts.dtype, device=opts.device)
-    elif opts.device != "auto":
-        lm.model.to(opts.device)
+    else:  # an in-memory model runs where --device says (auto: CUDA when present) and goes back after
+        home = next(lm.model.parameters()).device
+        lm.model.to(pick_device(opts.device))
     if opts.chat_template:
         require_chat_template(lm.tokenizer, spec or lm.path)
     cfg = EvalConfig(limit=opts.limit, data_dir=opts.data_dir, max_new_tokens=opts.max_new_tokens,
@@ -145,7 +146,11 @@ def evaluate_model(model: Any, suites: str | list[str], *, tokenizer: Any = None
                          tensor_parallel_size=opts.tensor_parallel_size,
                          gpu_memory_utilization=opts.gpu_memory_utilization, max_model_len=opts.max_model_len)
     t0 = time.time()
-    results = run_suites(lm.model, lm.tokenizer, names, cfg, generator=gen)
+    try:
+        results = run_suites(lm.model, lm.tokenizer, names, cfg, generator=gen)
+    finally:
+        if spec is None:
+            lm.model.to(home)
     samples = pop_samples(results)
     doc = {"model": spec or lm.path, "model_path": lm.path, "suites": results, "config": opts.record(),
            "wall_time_s": round(time.time() - t0, 1)}

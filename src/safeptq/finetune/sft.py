@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -195,7 +194,7 @@ def _mean(xs):
 
 
 def _save_ckpt(path: Path, model, opt, sched, step, losses):
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                "step": step, "losses": losses}, tmp)
-    os.replace(tmp, path)
+    from ..runs import save_torch_atomic
+
+    save_torch_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                       "step": step, "losses": losses}, path)

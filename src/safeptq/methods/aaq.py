@@ -117,7 +117,7 @@ class AAQ(Method):
         if s.scheme.kv_cache is not None:
             notes.append("KV cache: K is quantized at the k_proj output, before RoPE (an approximation of a runtime "
                          "that quantizes the rotated K), V exactly; the dense export does not store it")
-        calib = {name.split(":")[0] for name, _ in parse_calib_spec(s.recipe.calib.data)}
+        calib = {name for name, _ in parse_calib_spec(s.recipe.calib.data)}
         if "wikitext2" in calib and "wikitext2" in s.recipe.eval.suites:
             notes.append("calibration and the wikitext2 evaluation read the same WikiText-2 test text, so the "
                          "perplexity is optimistic (wikitext2:calib, the text half of the default calibration, "

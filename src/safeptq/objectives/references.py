@@ -170,18 +170,14 @@ class ReferenceCache(References):
         return {"models": dict(self.model_ids), "k": self.k, "calib": self.calib}
 
     def save(self, path: str | Path) -> Path:
-        import os
+        from safeptq.runs import save_torch_atomic
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         blob = {"format": _FORMAT, "fingerprint": self.fingerprint(),
                 "topk": {n: {"indices": t.indices, "logp": t.logp} for n, t in self.topk.items()},
                 "cross_kl": {f"{a}\t{b}\t{int(tail)}": v for (a, b, tail), v in self.cross_kl.items()}}
         blob["checksum"] = _content_checksum(blob)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
-        return path
+        return save_torch_atomic(blob, path)
 
     @classmethod
     def load(cls, path: str | Path, calib: CalibSet, k: int, model_ids: Mapping[str, str]) -> ReferenceCache:

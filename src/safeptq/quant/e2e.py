@@ -50,7 +50,8 @@ from safeptq.memory import release_host_memory
 from safeptq.objectives.base import E2EObjective
 from safeptq.objectives.references import References
 from safeptq.quant.args import Scheme, resolve_scheme
-from safeptq.quant.engine import _save_atomic, check_architecture, finish_layer, peak_memory_mb, share_dequantized
+from safeptq.runs import save_torch_atomic
+from safeptq.quant.engine import check_architecture, finish_layer, peak_memory_mb, share_dequantized
 from safeptq.quant.precision import PRECISIONS, forward_precision, is_low_precision, step_precision
 from safeptq.quant.qlinear import (
     LLAMA_LINEARS,
@@ -469,7 +470,7 @@ def calibrate_end_to_end(model: nn.Module, calib: CalibSet, objective: E2EObject
 
     def save(step_done: int) -> None:
         if state_path is not None:
-            _save_atomic({"fingerprint": fp, "step": step_done, "loss_start": loss_start,
+            save_torch_atomic({"fingerprint": fp, "step": step_done, "loss_start": loss_start,
                           "params": {n: p.detach().cpu() for n, p in named.items()},
                           "optimizer": opt.state_dict() if opt is not None else {},
                           "records": json.dumps(records)}, state_path)

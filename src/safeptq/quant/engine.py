@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from safeptq.data.calib import CalibSet
 from safeptq.errors import CalibrationError, ConfigError
 from safeptq.objectives.base import BlockBatch, BlockObjective
 from safeptq.memory import release_host_memory
+from safeptq.runs import save_torch_atomic
 from safeptq.quant.args import Scheme
 from safeptq.quant.deploy import attach_act_quant
 from safeptq.quant.precision import PRECISIONS, forward_precision, step_precision
@@ -283,12 +283,6 @@ def _return_home(layer: nn.Module, home: dict[str, torch.Tensor]) -> None:
     layer.to("cpu")  # anything new (or of another shape or dtype) the normal way
 
 
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _trainable_groups(layer: nn.Module, smoothing, cfg: BlockwiseConfig) -> list[dict]:
     groups = []
     lwc = lwc_parameters(layer)
@@ -450,9 +444,9 @@ def calibrate_blockwise(model: nn.Module, calib: CalibSet, objective: BlockObjec
         report.append({"block": i, "epochs": len(losses), "loss_first": losses[0] if losses else None,
                        "loss_last": losses[-1] if losses else None, "seconds": round(time.time() - tb, 2)})
         if work is not None:
-            _save_atomic({"state": {k: v.detach().cpu() for k, v in layer.state_dict().items()},
+            save_torch_atomic({"state": {k: v.detach().cpu() for k, v in layer.state_dict().items()},
                           "qparams": _qparams_state(block_q)}, work / "blocks" / f"{i:03d}.pt")
-            _save_atomic({"fingerprint": fp, "next": i + 1, "fp_inps": fp_inps, "q_inps": q_inps,
+            save_torch_atomic({"fingerprint": fp, "next": i + 1, "fp_inps": fp_inps, "q_inps": q_inps,
                           "report": json.dumps(report)}, state_path)
         bar.update(1)
     bar.close()

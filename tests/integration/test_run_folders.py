@@ -1,0 +1,82 @@
+"""Run folders end to end (issue 17): a failed or interrupted rerun at every phase leaves the earlier
+complete run byte-identical, and two runs on one --out: exactly one proceeds. Whole runs on tiny models."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, cli_ok, folder_digest
+
+Q = ["quantize", "--method", "omniquant", "--scheme", "w8a8", "--nsamples", "4", "--seqlen", "16", "--epochs", "1",
+     "--no-progress"]
+
+
+def _q(model, out, *extra):
+    return [*Q, "--model", model, "--out", out, *extra]
+
+
+@pytest.fixture
+def data(shared_data, monkeypatch):
+    monkeypatch.setenv("SAFEPTQ_DATA", str(shared_data))
+    return shared_data
+
+
+def _break(monkeypatch, phase: str, exc: BaseException):
+    def boom(*a, **k):
+        raise exc
+
+    target = {"calibration": "safeptq.quant.engine.calibrate_blockwise",
+              "export": "safeptq.export.save.save_quantized",
+              "eval": "safeptq.eval.api.evaluate_model",
+              "record": "safeptq.export.card.model_card"}[phase]
+    monkeypatch.setattr(target, boom)
+
+
+@pytest.mark.parametrize("phase", ["calibration", "export", "eval", "record"])
+@pytest.mark.parametrize("kind", ["error", "interrupt"])
+def test_a_failed_or_interrupted_rerun_leaves_the_previous_run_intact(tiny_model_dir, tmp_path, data, capsys,
+                                                                      monkeypatch, phase, kind):
+    from safeptq.cli.main import main
+    from safeptq.errors import ExportError
+
+    out = tmp_path / "o"
+    argv = (_q(tiny_model_dir, out) if phase == "calibration" else  # the other phases: a fast method
+            ["quantize", "--method", "rtn", "--scheme", "w8a8", "--model", tiny_model_dir, "--out", out,
+             "--eval", "advbench:eval", "--eval-limit", "2", "--no-progress"])
+    cli_ok(capsys, argv)
+    before = folder_digest(out)
+    with monkeypatch.context() as m:
+        _break(m, phase, ExportError("disk full") if kind == "error" else KeyboardInterrupt())
+        rc = main([str(a) for a in argv])
+    assert rc == (2 if kind == "error" else 130)
+    assert folder_digest(out) == before  # the earlier complete run, byte for byte
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name not in ("o", "o.work"))
+    assert leftovers == [], leftovers  # no staging folder, no lock
+    if phase == "calibration":
+        assert not (tmp_path / "o.work").exists()  # nothing to resume from: no folder left behind
+
+
+
+def test_two_runs_on_one_out_exactly_one_proceeds(tiny_model_dir, tmp_path, data):
+    out = tmp_path / "o"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    slow = [sys.executable, "-m", "safeptq", *_q(tiny_model_dir, out)]
+    slow[slow.index("--epochs") + 1] = "40"  # long enough to hold the lock while the second starts
+    first = subprocess.Popen(slow, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / ".o.lock"
+    for _ in range(600):
+        if lock.exists() or first.poll() is not None:
+            break
+        time.sleep(0.05)
+    second = subprocess.run([sys.executable, "-m", "safeptq", *_q(tiny_model_dir, out, "--scheme", "w4a16")],
+                            env=env, capture_output=True, text=True)
+    out1, err1 = first.communicate(timeout=300)
+    assert first.returncode == 0, err1
+    assert second.returncode == 2 and "in use by another safeptq run" in second.stderr
+    doc = json.loads((out / "quantize.json").read_text())
+    assert doc["scheme"]["name"] == "w8a8" and json.loads((out / "safeptq_quant.json").read_text())["scheme"]["name"] \
+        == "w8a8"
