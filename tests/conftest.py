@@ -164,3 +164,39 @@ def _isolated_home(request, tmp_path_factory, monkeypatch):
         return
     if "SAFEPTQ_HOME" not in os.environ or not str(os.environ["SAFEPTQ_HOME"]).startswith(str(tmp_path_factory.getbasetemp())):
         monkeypatch.setenv("SAFEPTQ_HOME", str(tmp_path_factory.mktemp("home")))
+
+
+# -- tiny random models of every supported family (safeptq.archs) -------------------------------------------
+FAMILY_CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+                  "gemma2": "Gemma2Config", "gemma3": "Gemma3TextConfig", "phi3": "Phi3Config"}
+
+
+def make_tiny_family(family: str, vocab: int = 256, seed: int = 0, layers: int = 2):
+    """A random causal LM of ``family`` (2 layers, hidden 64, GQA 4/2 heads of 16) with non-trivial
+    norm gains and biases, so no transform test passes by accident on all-ones norms or zero biases."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, vocab_size=vocab, max_position_embeddings=512, bos_token_id=1,
+              eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    cfg = getattr(transformers, FAMILY_CONFIGS[family])(**kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # Gemma's gain is 1 + w: both forms get a gain away from 1
+                p.copy_((0.0 if family.startswith("gemma") else 1.0) + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+def save_tiny_family(path: Path, family: str, seed: int = 0) -> Path:
+    tok = make_tiny_tokenizer()
+    model = make_tiny_family(family, vocab=len(tok), seed=seed)
+    for c in (model.config, model.generation_config):
+        c.bos_token_id, c.eos_token_id, c.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.eos_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

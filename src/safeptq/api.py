@@ -31,6 +31,8 @@ def _run(cls, model, tokenizer, recipe, out, overwrite, kw: dict[str, Any]):
     from .recipes import make_recipe
 
     options, overrides = _split_options(dict(kw))
+    if isinstance(overrides.get("calib"), (str, Path)):  # calib="advbench:calib=0.75,..." is the data spec
+        overrides["calib"] = {"data": str(overrides["calib"])}
     if isinstance(model, (str, Path)):
         overrides["model"] = str(model)
     r = make_recipe(cls, recipe, **overrides)
@@ -52,7 +54,7 @@ def quantize(model: Any, *, scheme: str, method: str = "rtn", calib: str | dict 
     from .recipes import QuantizeRecipe
 
     if calib is not None:
-        overrides["calib"] = {"data": calib} if isinstance(calib, str) else calib
+        overrides["calib"] = calib
     return _run(QuantizeRecipe, model, tokenizer, recipe, out, overwrite,
                 {"scheme": scheme, "method": method, **overrides})
 

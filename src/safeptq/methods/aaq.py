@@ -52,6 +52,10 @@ class AAQ(Method):
             lc.require_llmcompressor()
             lc.build_recipe("gptq", recipe.resolved_scheme())  # refuses KV schemes
 
+    def check_family(self, recipe, family) -> None:
+        if not family.rotation_ok and recipe.training.rotation == "on":
+            family.check_rotation()  # asked for explicitly: refused with the reason
+
     @staticmethod
     def checkpointing(options: RunOptions, device) -> bool:
         return options.checkpointing == "on" or (options.checkpointing == "auto" and device.type == "cuda")
@@ -128,6 +132,7 @@ class AAQ(Method):
         return notes
 
     def calibrate(self, s: Session) -> Calibrated:
+        from ..archs import spec_of_model
         from ..memory import phase_peak
         from ..quant.e2e import E2EConfig, calibrate_end_to_end, choose_transforms
         from ..quant.precision import resolve_precision
@@ -150,12 +155,20 @@ class AAQ(Method):
             refs, ref_info = self._references(s, objective.references)
         phases = {"references": {"wall_time_s": round(time.time() - t_ref, 2), **ref_mem.as_dict()}}
         init_search = None
+        family = spec_of_model(lm.model)
+        rotation_choices = (False, True) if t.rotation == "auto" else (t.rotation == "on",)
+        if not family.rotation_ok and t.rotation == "auto":
+            rotation_choices = (False,)
+            note = f"rotation off on {family.family}: {family.not_equivalent['rotation']}"
+            log.warning("%s", note)
+            notes.append(note)
+            cfg.rotation = False
         if "auto" in (t.rotation, t.smoothing):
             t_init = time.time()
             with phase_peak() as search_mem:
-                cfg, init_search = choose_transforms(lm.model, s.calib, objective, refs, cfg, **{
-                    k: (False, True) if getattr(t, k) == "auto" else (getattr(t, k) == "on",)
-                    for k in ("rotation", "smoothing")})
+                cfg, init_search = choose_transforms(
+                    lm.model, s.calib, objective, refs, cfg, rotation=rotation_choices,
+                    smoothing=(False, True) if t.smoothing == "auto" else (t.smoothing == "on",))
             phases["transform_search"] = {"wall_time_s": round(time.time() - t_init, 2), **search_mem.as_dict()}
             log.info("transform search (initial KL to the instruct model, first batch): %s -> rotation %s, "
                      "smoothing %s", ", ".join(

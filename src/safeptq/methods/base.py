@@ -116,6 +116,9 @@ class Method:
     def check(self, recipe, options: RunOptions) -> None:
         """Checks that need no model (optional dependencies, scheme support); raise to refuse."""
 
+    def check_family(self, recipe, family) -> None:
+        """Checks against the model's family (:class:`~safeptq.archs.ArchSpec`), before any weight loads."""
+
     def plan(self, recipe, options: RunOptions, shape, device, dtype: str):
         """The memory plan (:mod:`safeptq.plan`), or ``None``."""
         return None

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 from .base import Method, RunOptions, Session
 
 __all__ = ["run", "resolve_model_arg"]
@@ -51,25 +51,45 @@ def resolve_model_arg(model: Any, tokenizer: Any = None) -> tuple[str | None, An
                      "or an in-memory transformers model with its tokenizer")
 
 
-def _memory_plan(method: Method, recipe, options: RunOptions, spec: str | None, loaded, device, dtype: str):
-    """Print the plan and refuse one that cannot fit, before any weight is loaded (``None`` where
-    the config cannot be read without loading)."""
+def _read_config(spec: str | None, loaded):
+    """The model's config without loading weights (``None`` where it cannot be read that way)."""
     from transformers import AutoConfig
 
     from ..models import resolve_model
-    from ..plan import machine_memory_mb, model_shape, parse_max_memory
 
+    if loaded is not None:
+        return loaded.model.config
     try:
-        if loaded is not None:
-            cfg = loaded.model.config
-        else:
-            path, gguf = resolve_model(spec)
-            cfg = AutoConfig.from_pretrained(path, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(path)
-        shape = model_shape(cfg)
+        path, gguf = resolve_model(spec)
+        return AutoConfig.from_pretrained(path, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(path)
     except ModelError:
         raise
-    except Exception as e:  # noqa: BLE001 - an unknown config: the load below reports it properly
-        log.warning("no memory plan for %s (%s)", spec, str(e).splitlines()[0] if str(e) else e)
+    except Exception as e:  # noqa: BLE001 - an unknown config: the load reports it properly
+        log.warning("cannot read the config of %s before loading (%s)", spec, str(e).splitlines()[0] if str(e) else e)
+        return None
+
+
+def _check_family(method: Method, recipe, cfg) -> None:
+    """The family is supported and the scheme and method's transforms are legal on it (before loading)."""
+    from ..archs import spec_for_config
+
+    family = spec_for_config(cfg)
+    if family.fused and recipe.resolved_scheme().kv_cache is not None:
+        raise ConfigError(f"KV-cache schemes quantize k_proj and v_proj outputs; {family.family} fuses them into "
+                          "qkv_proj; choose a scheme without a KV cache")
+    method.check_family(recipe, family)
+
+
+def _memory_plan(method: Method, recipe, options: RunOptions, cfg, loaded, device, dtype: str):
+    """Print the plan and refuse one that cannot fit, before any weight is loaded."""
+    from ..plan import machine_memory_mb, model_shape, parse_max_memory
+
+    if cfg is None:
+        return None
+    try:
+        shape = model_shape(cfg)
+    except Exception as e:  # noqa: BLE001 - a config the meta-device build cannot take: no plan
+        log.warning("no memory plan (%s)", str(e).splitlines()[0] if str(e) else e)
         return None
     plan = method.plan(recipe, options, shape, device, dtype)
     if plan is None:
@@ -112,7 +132,10 @@ def _setup(method: Method, recipe, options: RunOptions, spec: str | None, loaded
     device = pick_device(options.device)
     dtype = str(pick_dtype(recipe.dtype, device)).removeprefix("torch.")
     torch.manual_seed(recipe.seed)
-    plan = _memory_plan(method, recipe, options, spec, loaded, device, dtype)
+    cfg = _read_config(spec, loaded)
+    if cfg is not None:
+        _check_family(method, recipe, cfg)
+    plan = _memory_plan(method, recipe, options, cfg, loaded, device, dtype)
     if loaded is None:
         lm = load_model(spec, dtype=dtype, device="cpu")
         label = spec

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from safeptq.quant.args import Scheme, check_group_size
-from safeptq.quant.qlinear import LLAMA_LINEARS
+from safeptq.quant.qlinear import decoder_linears
 from safeptq.quant.quantizer import ActQuantizer, QuantizedWeight, quantize_weight
 from safeptq.quant.rotation import decoder_parts
 
@@ -28,7 +28,7 @@ def attach_act_quant(layer: nn.Module, scheme: Scheme) -> int:
     handles = []
     if scheme.input_activations is not None:
         aq = ActQuantizer(scheme.input_activations)
-        for rel in LLAMA_LINEARS:
+        for rel in decoder_linears(layer):
             lin = layer.get_submodule(rel)
             handles.append(lin.register_forward_pre_hook(lambda m, a, q=aq: (q(a[0]), *a[1:])))
     if scheme.kv_cache is not None:
@@ -57,7 +57,7 @@ def rtn_quantize_layer(layer: nn.Module, scheme: Scheme, prefix: str = "") -> di
     value (min/max ranges, no clipping), attach activation hooks; returns the qparams by name."""
     out = {}
     if scheme.weights is not None:
-        for rel in LLAMA_LINEARS:
+        for rel in decoder_linears(layer):
             lin = layer.get_submodule(rel)
             check_group_size(prefix + rel, lin.in_features, scheme.weights.group_size)
             qw = quantize_weight(lin.weight, scheme.weights)

@@ -54,7 +54,7 @@ from safeptq.runs import save_torch_atomic
 from safeptq.quant.engine import check_architecture, finish_layer, peak_memory_mb, share_dequantized
 from safeptq.quant.precision import PRECISIONS, forward_precision, is_low_precision, step_precision
 from safeptq.quant.qlinear import (
-    LLAMA_LINEARS,
+    decoder_linears,
     QuantLinear,
     set_quantizers_enabled,
     wrap_decoder_layer,
@@ -266,7 +266,7 @@ def finalize_model(model: nn.Module, scheme: Scheme) -> dict[str, QuantizedWeigh
     set_quantizers_enabled(model, True)
     qparams: dict[str, QuantizedWeight] = {}
     for i, layer in enumerate(layers):
-        for rel in LLAMA_LINEARS:
+        for rel in decoder_linears(layer):
             mod = layer.get_submodule(rel)
             if isinstance(mod, QuantLinear) and mod.transform_keys():
                 raise ConfigError(f"{mod.name or rel} still has transforms {mod.transform_keys()}; fold them first")

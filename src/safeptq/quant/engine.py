@@ -37,7 +37,8 @@ from safeptq.runs import save_torch_atomic
 from safeptq.quant.args import Scheme
 from safeptq.quant.deploy import attach_act_quant
 from safeptq.quant.precision import PRECISIONS, forward_precision, step_precision
-from safeptq.quant.qlinear import LLAMA_LINEARS, QuantLinear, unwrap_decoder_layer, wrap_decoder_layer
+from safeptq.quant.qlinear import (QuantLinear, decoder_linears, set_quantizers_enabled, unwrap_decoder_layer,
+                                   wrap_decoder_layer)
 from safeptq.quant.quantizer import QuantizedWeight, lwc_parameters
 from safeptq.quant.rotation import decoder_parts
 from safeptq.quant.smoothing import PAIRS, attach_smoothing, fold_smoothing, init_smoothing, record_smoothing_stats
@@ -128,17 +129,19 @@ def peak_memory_mb() -> tuple[float, float | None]:
 
 
 def check_architecture(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a Llama-shaped model; other architectures get a clear error."""
+    """The decoder layers of a model of a supported family (:mod:`safeptq.archs`); others get a clear error."""
+    from safeptq.archs import spec_of_layer, spec_of_model
+
+    spec = spec_of_model(model)
     _, layers, _, _ = decoder_parts(model)
-    for rel in LLAMA_LINEARS:
+    if spec_of_layer(layers[0]) is not spec:
+        raise ConfigError(f"{type(layers[0]).__name__} does not match the config's family {spec.family}")
+    for rel in spec.linears:
         try:
             layers[0].get_submodule(rel)
         except AttributeError:
-            arch = getattr(model.config, "model_type", type(model).__name__)
-            raise ConfigError(
-                f"architecture {arch!r} is not supported yet (decoder layers lack {rel}); supported: Llama-"
-                "shaped decoders (llama, mistral, qwen2)"
-            ) from None
+            raise ConfigError(f"{spec.family} decoder layers lack {rel}; the checkpoint does not match its family") \
+                from None
     return layers
 
 
@@ -220,6 +223,20 @@ def _run_inplace(layer: nn.Module, x: torch.Tensor, kwargs: dict, batch_size: in
     return x
 
 
+FOLD_TOLERANCE = 1e-3
+"""Largest relative change of a block's full-precision output that folding its trained smoothing may
+cause (float64 arithmetic, float32 weights: ~1e-6 when the fold is exact; a wrong fold is O(1))."""
+
+
+def _check_fold(index: int, before: torch.Tensor, after: torch.Tensor) -> None:
+    """Never export a block other than the one trained: folding must not change its function."""
+    err = ((after - before).abs().max() / before.abs().max().clamp(min=1e-12)).item()
+    if not err <= FOLD_TOLERANCE:
+        raise CalibrationError(f"folding the trained smoothing into layers.{index} changed its output by {err:.2e} "
+                               f"(relative; tolerance {FOLD_TOLERANCE:g}): the transform is not exact on this "
+                               "architecture; refusing to export")
+
+
 def _qparams_state(qp: dict[str, QuantizedWeight]) -> dict:
     return {k: tuple(t.cpu() for t in v) for k, v in qp.items()}
 
@@ -244,7 +261,7 @@ def finish_layer(layer: nn.Module, index: int, scheme: Scheme) -> dict[str, Quan
     copy of every quantized weight. ``dequantized`` is a placeholder until :func:`share_dequantized`."""
     qparams = {}
     prefix = f"model.layers.{index}."
-    for rel in LLAMA_LINEARS:
+    for rel in decoder_linears(layer):
         mod = layer.get_submodule(rel)
         if isinstance(mod, QuantLinear) and mod.weight_quantizer is not None:
             deq, q, scale, zero = mod.quantized_weight()
@@ -432,7 +449,12 @@ def calibrate_blockwise(model: nn.Module, calib: CalibSet, objective: BlockObjec
             for p in layer.parameters():
                 p.requires_grad_(False)
             if smoothing is not None:
+                probe = q_inps[:1].to(device, torch.float32)
+                set_quantizers_enabled(layer, False)
+                before = _layer_out(layer(probe, **kwargs))
                 fold_smoothing(layer, smoothing)
+                _check_fold(i, before, _layer_out(layer(probe, **kwargs)))
+                set_quantizers_enabled(layer, True)
             block_q = finish_layer(layer, i, cfg.scheme)
             layer.to(device, model_dtype)
             q_inps = _run_inplace(layer, q_inps, kwargs, cfg.batch_size, device, model_dtype)

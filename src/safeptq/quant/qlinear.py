@@ -25,6 +25,7 @@ from safeptq.quant.quantizer import ActQuantizer, QuantizedWeight, WeightQuantiz
 __all__ = [
     "WeightTransform",
     "LLAMA_LINEARS",
+    "decoder_linears",
     "QuantLinear",
     "attach_input_transform",
     "detach_input_transform",
@@ -47,7 +48,15 @@ LLAMA_LINEARS: tuple[str, ...] = (
     "mlp.up_proj",
     "mlp.down_proj",
 )
-"""Linear layers of a Llama/Mistral/Qwen2 decoder layer, in execution order."""
+"""Linear layers of a Llama/Mistral/Qwen2 decoder layer, in execution order (other families: their
+spec's ``linears``, see :func:`decoder_linears`)."""
+
+
+def decoder_linears(layer: nn.Module) -> tuple[str, ...]:
+    """The quantized linears of a decoder layer of any supported family (:mod:`safeptq.archs`)."""
+    from safeptq.archs import spec_of_layer
+
+    return spec_of_layer(layer).linears
 
 
 class QuantLinear(nn.Module):
@@ -270,7 +279,7 @@ def wrap_decoder_layer(
     :func:`wrap_linear`). Returns ``{relative name: QuantLinear}``.
     """
     out: dict[str, QuantLinear] = {}
-    for rel in LLAMA_LINEARS:
+    for rel in decoder_linears(layer):
         kv = rel in ("self_attn.k_proj", "self_attn.v_proj")
         mod = wrap_linear(layer.get_submodule(rel), scheme, f"{prefix}{rel}", lwc=lwc, kv=kv)
         layer.set_submodule(rel, mod)
@@ -285,7 +294,7 @@ def unwrap_decoder_layer(layer: nn.Module, *, fold: bool = True) -> None:
     detach smoothing/rotation first (their norm and embedding halves live outside the linears).
     Fold smoothing before ``fold=True`` too, or its norm wrappers stay in place.
     """
-    for rel in LLAMA_LINEARS:
+    for rel in decoder_linears(layer):
         mod = layer.get_submodule(rel)
         if isinstance(mod, QuantLinear):
             if not fold and mod.transform_keys():

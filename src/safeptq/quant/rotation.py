@@ -27,6 +27,7 @@ import math
 import torch
 from torch import nn
 
+from safeptq.archs import spec_of_layer, spec_of_model
 from safeptq.errors import ConfigError
 from safeptq.quant.qlinear import (
     QuantLinear,
@@ -55,11 +56,7 @@ __all__ = [
 ]
 
 READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
-WRITERS = ("self_attn.o_proj", "mlp.down_proj")
-_NORM_READERS = {
-    "input_layernorm": READERS[:3],
-    "post_attention_layernorm": READERS[3:],
-}
+WRITERS = ("self_attn.o_proj", "mlp.down_proj")  # Llama's; other families: their spec (safeptq.archs)
 _KEY = "rotation"
 
 
@@ -167,15 +164,28 @@ def _fold_norm(norm: nn.Module, readers: list[nn.Module], where: str) -> None:
     norm.weight.fill_(1.0)
 
 
+def _norm_readers(layer: nn.Module) -> dict[str, tuple[str, ...]]:
+    spec = spec_of_layer(layer)
+    return {spec.attn_norm: spec.attn_readers, spec.mlp_norm: spec.mlp_readers}
+
+
+def _readers_writers(layer: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    spec = spec_of_layer(layer)
+    spec.check_rotation()
+    return (*spec.attn_readers, *spec.mlp_readers), (spec.attn_writer, spec.mlp_writer)
+
+
 def fold_norms(model: nn.Module) -> None:
     """Fold every RMSNorm weight into the linears reading its output; norms become all-ones.
 
-    Exact; ties are undone first because the final norm folds into ``lm_head`` only.
+    Exact; ties are undone first because the final norm folds into ``lm_head`` only. Refused on
+    families where a residual rotation is not equivalent (sandwich norms), before any change.
     """
+    spec_of_model(model).check_rotation()
     untie_embeddings(model)
     _, layers, final_norm, head = decoder_parts(model)
     for i, layer in enumerate(layers):
-        for norm_name, readers in _NORM_READERS.items():
+        for norm_name, readers in _norm_readers(layer).items():
             mods = [layer.get_submodule(r) for r in readers]
             _fold_norm(layer.get_submodule(norm_name), mods, f"layers.{i}.{norm_name}")
     _fold_norm(final_norm, [head], "model.norm")
@@ -199,9 +209,10 @@ def _rotate_weights(model: nn.Module, q: torch.Tensor) -> None:
     with torch.no_grad():
         embed.weight.copy_((embed.weight.double() @ q.to(embed.weight.device)).to(embed.weight.dtype))
     for layer in layers:
-        for name in READERS:
+        readers, writers = _readers_writers(layer)
+        for name in readers:
             _mul_right(base_linear(layer.get_submodule(name)), q)
-        for name in WRITERS:
+        for name in writers:
             _mul_left_t(base_linear(layer.get_submodule(name)), q)
     _mul_right(base_linear(head), q)
 
@@ -358,9 +369,10 @@ def attach_residual_rotation(model: nn.Module, rotation: CayleyRotation) -> None
         )
     fold_norms(model)
     for i, layer in enumerate(layers):
-        for name in READERS:
+        readers, writers = _readers_writers(layer)
+        for name in readers:
             _wrap_first(layer, name, f"layers.{i}.{name}").add_weight_transform(_KEY, _reader_tf(rotation))
-        for name in WRITERS:
+        for name in writers:
             _wrap_first(layer, name, f"layers.{i}.{name}").add_weight_transform(_KEY, _writer_tf(rotation))
     _wrap_first(model, "lm_head", "lm_head").add_weight_transform(_KEY, _reader_tf(rotation))
     model._safeptq_rotation_hooks = [

@@ -1,11 +1,13 @@
-"""Per-channel smoothing (SmoothQuant, OmniQuant's LET) for Llama-style decoder layers.
+"""Per-channel smoothing (SmoothQuant, OmniQuant's LET) for the decoder layers of every supported
+family (:mod:`safeptq.archs`: norm names and gains, fused projections, which pairs are legal).
 
 A smoothing scale ``s`` moves range from an activation to the weight that consumes it:
 ``x W^T = (x / s)(W diag(s))^T``. It is exact when ``x / s`` can be produced by the layer that
 makes ``x``, so ``s`` folds away and the full-precision model is unchanged:
 
 * ``attn_in``: input_layernorm → q, k, v      (norm weight / s; q,k,v columns * s)
-* ``mlp_in``:  post_attention_layernorm → gate, up
+* ``mlp_in``:  the MLP's input norm → gate, up (Llama: post_attention_layernorm; Gemma:
+  pre_feedforward_layernorm; Phi-3: the fused gate_up_proj)
 * ``vo``:      v_proj → o_proj                (v rows / s; o columns * s). Under GQA one v channel
   feeds ``num_heads / num_kv_heads`` query heads, so ``s`` lives in v's output space
   ``[kv_heads * head_dim]`` and is repeated per query head on o's input.
@@ -23,6 +25,7 @@ through a norm wrapper and :class:`~safeptq.quant.qlinear.QuantLinear` weight tr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from safeptq.archs import ArchSpec, spec_of_layer
 from safeptq.errors import ConfigError
 from safeptq.quant.qlinear import QuantLinear, base_linear, wrap_linear
 
@@ -48,6 +52,8 @@ __all__ = [
 
 PAIRS: tuple[str, ...] = ("attn_in", "mlp_in", "vo", "qk")
 SCALE_CLAMP = 1e-5
+_WARNED: set[tuple[str, str]] = set()
+log = logging.getLogger(__name__)
 _KEY = "smoothing"
 
 
@@ -68,11 +74,15 @@ class LayerGeometry:
     def of(cls, layer: nn.Module) -> LayerGeometry:
         attn = layer.self_attn
         head_dim = getattr(attn, "head_dim", None)
-        q, k = base_linear(attn.q_proj), base_linear(attn.k_proj)
         if head_dim is None:
             raise ConfigError(f"{type(attn).__name__} has no head_dim; not a Llama-style attention")
         if head_dim % 2:
             raise ConfigError(f"head_dim={head_dim} is odd; RoPE needs it even")
+        cfg = getattr(attn, "config", None)
+        if cfg is not None:  # every supported family keeps its config on the attention module
+            heads = cfg.num_attention_heads
+            return cls(cfg.hidden_size, head_dim, heads, getattr(cfg, "num_key_value_heads", None) or heads)
+        q, k = base_linear(attn.q_proj), base_linear(attn.k_proj)
         return cls(q.in_features, head_dim, q.out_features // head_dim, k.out_features // head_dim)
 
     def per_query_head(self, s: torch.Tensor) -> torch.Tensor:
@@ -158,19 +168,20 @@ def _rows_mul(s):
     return fn
 
 
-def _plan(sm: LayerSmoothing) -> tuple[list[tuple[str, object]], list[tuple[str, str]]]:
-    """(linear transforms, norm divisions) implementing ``sm`` on a layer."""
+def _plan(sm: LayerSmoothing, spec: ArchSpec) -> tuple[list[tuple[str, object]], list[tuple[str, str]]]:
+    """(linear transforms, norm divisions) implementing ``sm`` on a layer of family ``spec``."""
     g = sm.geometry
+    spec.check_pairs(sm.pairs)
     lin: list[tuple[str, object]] = []
     norms: list[tuple[str, str]] = []
     if "attn_in" in sm.scales:
-        norms.append(("input_layernorm", "attn_in"))
-        for n in ("q_proj", "k_proj", "v_proj"):
-            lin.append((f"self_attn.{n}", _cols_mul(lambda: sm.scale("attn_in"))))
+        norms.append((spec.attn_norm, "attn_in"))
+        for n in spec.attn_readers:
+            lin.append((n, _cols_mul(lambda: sm.scale("attn_in"))))
     if "mlp_in" in sm.scales:
-        norms.append(("post_attention_layernorm", "mlp_in"))
-        for n in ("gate_proj", "up_proj"):
-            lin.append((f"mlp.{n}", _cols_mul(lambda: sm.scale("mlp_in"))))
+        norms.append((spec.mlp_norm, "mlp_in"))
+        for n in spec.mlp_readers:
+            lin.append((n, _cols_mul(lambda: sm.scale("mlp_in"))))
     if "vo" in sm.scales:
         lin.append(("self_attn.v_proj", _rows_div(lambda: sm.scale("vo"))))
         lin.append(("self_attn.o_proj", _cols_mul(lambda: g.per_query_head(sm.scale("vo")))))
@@ -196,11 +207,13 @@ def record_smoothing_stats(layer: nn.Module):
         stats[key] = m if key not in stats else torch.maximum(stats[key], m)
 
     hooks = []
-    attn, mlp = layer.self_attn, layer.mlp
-    for mod, key in ((attn.q_proj, "attn_in"), (mlp.gate_proj, "mlp_in"), (attn.o_proj, "o_in")):
-        hooks.append(mod.register_forward_pre_hook(lambda m, a, key=key: keep(key, a[0])))
-    for mod, key in ((attn.q_proj, "q_out"), (attn.k_proj, "k_out")):
-        hooks.append(mod.register_forward_hook(lambda m, a, out, key=key: keep(key, out)))
+    spec = spec_of_layer(layer)
+    sub = layer.get_submodule
+    for name, key in ((spec.attn_readers[0], "attn_in"), (spec.mlp_readers[0], "mlp_in"), (spec.attn_writer, "o_in")):
+        hooks.append(sub(name).register_forward_pre_hook(lambda m, a, key=key: keep(key, a[0])))
+    if not spec.fused:
+        for name, key in (("self_attn.q_proj", "q_out"), ("self_attn.k_proj", "k_out")):
+            hooks.append(sub(name).register_forward_hook(lambda m, a, out, key=key: keep(key, out)))
     try:
         yield stats
     finally:
@@ -233,15 +246,20 @@ def init_smoothing(
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"smoothing alpha must be in [0, 1], got {alpha}")
     g = LayerGeometry.of(layer)
-    sm = LayerSmoothing(g, pairs)
+    spec = spec_of_layer(layer)
+    pairs = tuple(pairs)
+    for p in pairs:
+        if p in spec.not_equivalent and (spec.family, p) not in _WARNED:  # switched off, said once per family
+            _WARNED.add((spec.family, p))
+            log.warning("smoothing pair %s is off on %s: %s", p, spec.family, spec.not_equivalent[p])
+    sm = LayerSmoothing(g, spec.legal_pairs(pairs))
     stats = stats or {}
     dev = sm.scales[sm.pairs[0]].device if sm.pairs else None
     for pair in sm.pairs:
         if pair == "attn_in" and "attn_in" in stats:
-            qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-            s = _smooth(stats["attn_in"], _col_absmax(layer, qkv), alpha)
+            s = _smooth(stats["attn_in"], _col_absmax(layer, spec.attn_readers), alpha)
         elif pair == "mlp_in" and "mlp_in" in stats:
-            s = _smooth(stats["mlp_in"], _col_absmax(layer, ("mlp.gate_proj", "mlp.up_proj")), alpha)
+            s = _smooth(stats["mlp_in"], _col_absmax(layer, spec.mlp_readers), alpha)
         elif pair == "vo" and "o_in" in stats:
             w = _col_absmax(layer, ("self_attn.o_proj",))
             s = _smooth(g.reduce_query_heads(stats["o_in"]), g.reduce_query_heads(w), alpha)
@@ -271,10 +289,10 @@ def attach_smoothing(layer: nn.Module, smoothing: LayerSmoothing) -> None:
     """
     if LayerGeometry.of(layer) != smoothing.geometry:
         raise ConfigError("smoothing scales were built for a layer of another shape")
-    norms = ("input_layernorm", "post_attention_layernorm")
-    if any(isinstance(layer.get_submodule(n), ScaledNorm) for n in norms):
+    spec = spec_of_layer(layer)
+    if any(isinstance(layer.get_submodule(n), ScaledNorm) for n in (spec.attn_norm, spec.mlp_norm)):
         raise ConfigError("smoothing is already attached to this layer")
-    lin, norms = _plan(smoothing)
+    lin, norms = _plan(smoothing, spec)
     for name, fn in lin:
         _ensure_wrapped(layer, name).add_weight_transform(_KEY, fn)
     for norm_name, pair in norms:
@@ -283,7 +301,8 @@ def attach_smoothing(layer: nn.Module, smoothing: LayerSmoothing) -> None:
 
 def detach_smoothing(layer: nn.Module) -> None:
     """Remove attached scales without folding them (restores the original function)."""
-    for name in ("input_layernorm", "post_attention_layernorm"):
+    spec = spec_of_layer(layer)
+    for name in (spec.attn_norm, spec.mlp_norm):
         mod = layer.get_submodule(name)
         if isinstance(mod, ScaledNorm):
             layer.set_submodule(name, mod.norm)
@@ -299,9 +318,9 @@ def fold_smoothing(layer: nn.Module, smoothing: LayerSmoothing) -> None:
     Works whether or not the scales are attached; afterwards nothing of ``smoothing`` is
     referenced by the layer. Arithmetic is done in float64 and cast back once per tensor.
     """
-    attached = isinstance(layer.input_layernorm, ScaledNorm) or isinstance(
-        layer.post_attention_layernorm, ScaledNorm
-    )
+    spec = spec_of_layer(layer)
+    attached = any(isinstance(layer.get_submodule(n), ScaledNorm) for n in (spec.attn_norm, spec.mlp_norm)) or any(
+        isinstance(m, QuantLinear) and _KEY in m.transform_keys() for m in layer.modules())
     if attached:
         for mod in layer.modules():
             if isinstance(mod, QuantLinear) and _KEY in mod.transform_keys():
@@ -310,7 +329,7 @@ def fold_smoothing(layer: nn.Module, smoothing: LayerSmoothing) -> None:
     else:
         if LayerGeometry.of(layer) != smoothing.geometry:
             raise ConfigError("smoothing scales were built for a layer of another shape")
-        lin, _ = _plan(smoothing)
+        lin, _ = _plan(smoothing, spec)
         for name, fn in lin:
             mod = layer.get_submodule(name)
             if isinstance(mod, QuantLinear) and mod.transform_keys():
@@ -325,8 +344,9 @@ def fold_smoothing(layer: nn.Module, smoothing: LayerSmoothing) -> None:
             w_mod.weight.copy_(w.to(w_mod.weight.dtype))
             if b is not None:
                 w_mod.bias.copy_(b.to(w_mod.bias.dtype))
-    _, norms = _plan(smoothing)
+    _, norms = _plan(smoothing, spec)
+    off = spec.norm_offset  # the gain is offset + w (Gemma: 1 + w): (offset + w) / s = offset + w'
     for norm_name, pair in norms:
         norm = layer.get_submodule(norm_name)
         s = smoothing.scale(pair).double().to(norm.weight.device)
-        norm.weight.copy_((norm.weight.double() / s).to(norm.weight.dtype))
+        norm.weight.copy_(((off + norm.weight.double()) / s - off).to(norm.weight.dtype))

@@ -59,6 +59,8 @@ def _set(cls: type[BaseModel], d: dict, path: list[str], value: Any) -> None:
     if sub is None:
         raise RecipeError(".".join(path), f"{head} has no sub-fields")
     cur = d.get(head)
+    if cur is not None and not isinstance(cur, (dict, BaseModel)):
+        raise RecipeError(head, f"is a section; give a dict of its fields, got {cur!r}")
     cur = cur.model_dump(exclude_unset=True) if isinstance(cur, BaseModel) else dict(cur or {})
     _set(sub, cur, path[1:], value)
     d[head] = cur

@@ -169,7 +169,7 @@ def test_layers_without_q_proj_are_refused_by_name():
     model = make_tiny_llama()
     for layer in model.model.layers:
         del layer.self_attn.q_proj
-    with pytest.raises(ConfigError, match=r"'llama' is not supported.*self_attn\.q_proj"):
+    with pytest.raises(ConfigError, match=r"llama decoder layers lack self_attn\.q_proj"):
         calibrate_blockwise(model, calib_set(), MSE(), _cfg(), progress=False)
 
 
@@ -177,7 +177,9 @@ def test_gpt2_is_refused_by_name():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=256, n_positions=64))
-    with pytest.raises(ConfigError, match="GPT2LMHeadModel is not a Llama-style"):
+    from safeptq.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="architecture 'gpt2' .* is not supported"):
         calibrate_blockwise(model, calib_set(), MSE(), _cfg(), progress=False)
 
 

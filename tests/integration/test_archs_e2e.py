@@ -1,0 +1,47 @@
+"""Every method end to end on a tiny Qwen3 and a tiny Gemma 3 (q/k norms; Gemma's 1 + w norms and sandwich
+norms): the exports reload with logits within 1e-3 of the in-memory quantized model (the save's reload check,
+float32 tolerance), illegal transforms are switched off with the reason recorded."""
+
+import pytest
+
+import safeptq
+from conftest import save_tiny_family
+
+FAST = {"nsamples": 4, "seqlen": 16, "progress": False}
+
+
+@pytest.fixture(scope="module", params=["qwen3", "gemma3", "phi3"])
+def family_model(request, tmp_path_factory):
+    return request.param, save_tiny_family(tmp_path_factory.mktemp(request.param) / "m", request.param)
+
+
+def _check(q, out, fmt):
+    rec = q.record
+    assert rec["verify"]["weights_only_max_rel_err"] <= 1e-3 and rec["export"]["format"] == fmt
+    assert (out / "README.md").is_file()
+
+
+@pytest.mark.parametrize("method, scheme, fmt", [("rtn", "w8a8", "int-quantized"), ("omniquant", "w4a16", "pack-quantized")])
+def test_quantize(family_model, shared_data, tmp_path, method, scheme, fmt):
+    family, model = family_model
+    kw = {} if method == "rtn" else {**FAST, "epochs": 1, "data_dir": str(shared_data)}
+    q = safeptq.quantize(str(model), method=method, scheme=scheme, out=tmp_path / "o", **kw)
+    _check(q, tmp_path / "o", fmt)
+
+
+def test_realign(family_model, shared_data, tmp_path):
+    family, model = family_model
+    q = safeptq.realign(str(model), probe_model=str(model), scheme="w8a8", out=tmp_path / "o", epochs=1,
+                        sep_limit=4, data_dir=str(shared_data), **FAST)
+    _check(q, tmp_path / "o", "int-quantized")
+    assert len(q.record["separability"]["after"]["per_layer"]["accuracy"]) == 2
+
+
+def test_aaq(family_model, shared_data, tmp_path):
+    family, model = family_model
+    q = safeptq.aaq(str(model), objective="kl_top", scheme="w4a8", steps=2, topk=16, replies=0,
+                    calib="wikitext2:calib", weights="rtn", out=tmp_path / "o", data_dir=str(shared_data), **FAST)
+    _check(q, tmp_path / "o", "dense")
+    if family == "gemma3":  # sandwich norms: the rotation is switched off, with the reason in the record
+        assert not q.record["transforms"]["rotation"]
+        assert any("rotation off on gemma3" in n for n in q.record["notes"])
