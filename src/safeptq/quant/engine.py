@@ -214,6 +214,47 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
     return (torch.cat(states[1:]) if out is None else out), kwargs
 
 
+class _KwargsRecorder(nn.Module):
+    """Stands in for a decoder layer for one forward: records the keyword arguments the model passes
+    it (attention mask, position embeddings: they differ between sliding-window and global layers in
+    Gemma 2/3, Mistral, Qwen) and returns its input unchanged, so the pass costs almost nothing."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.attention_type = getattr(layer, "attention_type", None)
+        self.kwargs: dict = {}
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+        return hidden_states
+
+
+@torch.no_grad()
+def capture_layer_kwargs(model: nn.Module, input_ids: torch.Tensor, device) -> list[dict]:
+    """The keyword arguments every decoder layer receives on a batch-1 call (they broadcast over any
+    batch size): per layer, since layers of different attention types get different masks and RoPE."""
+    inner = model.model
+    layers = check_architecture(model)
+    recorders = [_KwargsRecorder(layer) for layer in layers]
+    originals = list(layers)
+    for m in (inner.embed_tokens, getattr(inner, "rotary_emb", None), getattr(inner, "rotary_emb_local", None)):
+        if m is not None:
+            m.to(device)
+    try:
+        for i, r in enumerate(recorders):
+            layers[i] = r
+        model.model(input_ids=input_ids[:1].to(device), use_cache=False)
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    out = []
+    for r in recorders:
+        kw = dict(r.kwargs)
+        kw["use_cache"] = False
+        out.append(kw)
+    return out
+
+
 def _run_inplace(layer: nn.Module, x: torch.Tensor, kwargs: dict, batch_size: int, device, dtype) -> torch.Tensor:
     """Replace each row of the stream ``x`` by the block's output on it (rows are independent), so a
     stream never needs a second copy; returns ``x``."""
@@ -422,14 +463,15 @@ def calibrate_blockwise(model: nn.Module, calib: CalibSet, objective: BlockObjec
                                                out=stream_buffer(shape, spill, "fp"))
         q_inps = stream_buffer(shape, spill, "q")
         q_inps.copy_(fp_inps)
-    # the block kwargs (rotary tables, mask) are cheap to recompute and not checkpointed
-    _, kwargs = capture_block_inputs(model, calib.input_ids[:1], 1, device)
-    kwargs = {k: _to(v, device) for k, v in kwargs.items()}
+    # the block kwargs (rotary tables, mask; per layer: attention types differ) are cheap to recompute and
+    # not checkpointed
+    layer_kwargs = [{k: _to(v, device) for k, v in kw.items()}
+                    for kw in capture_layer_kwargs(model, calib.input_ids[:1], device)]
 
     bar = tqdm(total=n_blocks, initial=start, desc="calibrate", unit="block", disable=not progress)
     for i in range(start, n_blocks):
         tb = time.time()
-        layer = layers[i]
+        layer, kwargs = layers[i], layer_kwargs[i]
         home = {n: p.data for n, p in layer.named_parameters()}  # the block's host storage, reused below
         layer.to(device, torch.float32)
         for p in layer.parameters():
