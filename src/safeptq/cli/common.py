@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .flags import default_text, option_flag, recipe_flag, recipe_overrides, run_options
+from .flags import add_chat_flags, default_text, option_flag, recipe_flag, recipe_overrides, run_options
 
 __all__ = ["add_model_group", "add_calib_group", "add_eval_group", "add_output_group", "add_resume_flags",
            "run_quantizing"]
@@ -28,6 +28,7 @@ def add_model_group(p: argparse.ArgumentParser, title: str, device_help: str) ->
     recipe_flag(g, "--precision", field="precision", choices=("auto", "fp32", "tf32", "bf16"),
                 help="matrix products of the training steps: fp32, tf32 (CUDA) or bf16 autocast (auto = bf16 on "
                      "CUDA, fp32 on a CPU); learnable parameters stay float32")
+    add_chat_flags(g)
     option_flag(g, "--max-memory", field="max_memory", metavar="SIZE",
                 help="override the memory check made before loading: host=SIZE,device=SIZE (e.g. host=64GiB,"
                      "device=70GiB), SIZE for the host only, or none; default: what the machine has")

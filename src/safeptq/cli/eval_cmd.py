@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .base import Command
+from .flags import add_chat_flags
 from .summary import format_metric, print_results
 
 __all__ = ["EvalCommand", "format_metric"]
@@ -57,6 +58,7 @@ class EvalCommand(Command):
         g.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
                        help="vLLM: context length to reserve KV cache for (default: the model's)")
         g.add_argument("--no-chat-template", action="store_true", help="feed raw prompts (base models)")
+        add_chat_flags(g, recipe=False)
         g = p.add_argument_group("output")
         g.add_argument("--out", default=None, help="write results JSON here (samples go to OUT.samples.jsonl)")
         g.add_argument("--no-progress", action="store_true")
@@ -66,7 +68,7 @@ class EvalCommand(Command):
 
         keys = ("data_dir", "max_new_tokens", "batch_size", "context_length", "ppl_windows", "margin", "judge",
                 "full_responses", "backend", "device", "dtype", "tensor_parallel_size", "gpu_memory_utilization",
-                "max_model_len")
+                "max_model_len", "system_prompt", "chat_template_kwargs")
         doc = evaluate(args.model, args.suite, limit=args.limit, out=args.out, progress=not args.no_progress,
                        chat_template=not args.no_chat_template, **{k: getattr(args, k) for k in keys})
         print_results(doc["suites"])

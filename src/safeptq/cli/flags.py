@@ -11,7 +11,7 @@ import re
 
 from ..errors import SafePTQError
 
-__all__ = ["recipe_flag", "option_flag", "recipe_overrides", "run_options", "flag_message", "default_text"]
+__all__ = ["add_chat_flags", "json_object", "recipe_flag", "option_flag", "recipe_overrides", "run_options", "flag_message", "default_text"]
 
 R, O = "r:", "o:"
 
@@ -30,6 +30,30 @@ def recipe_flag(g, *names: str, field: str, **kw) -> None:
 def option_flag(g, *names: str, field: str, default=None, **kw) -> None:
     """A flag that sets :class:`~safeptq.methods.RunOptions` field ``field``."""
     g.add_argument(*names, dest=O + field, default=default, **_metavar(field, kw))
+
+
+def json_object(text: str) -> dict:
+    """argparse type of ``--chat-template-kwargs``: a JSON object."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as {{\"enable_thinking\": false}}, got {text}")
+    return value
+
+
+def add_chat_flags(g, recipe: bool = True) -> None:
+    """``--system-prompt`` and ``--chat-template-kwargs``: applied to every chat-formatted prompt."""
+    add = (lambda *n, field, **kw: recipe_flag(g, *n, field=field, **kw)) if recipe else \
+        (lambda *n, field, **kw: g.add_argument(*n, dest=field, default=None, **kw))
+    add("--system-prompt", field="system_prompt", metavar="TEXT",
+        help="system prompt for every chat-formatted prompt (evaluation, calibration, probes); templates without "
+             "a system role get it at the head of the user turn; recorded")
+    add("--chat-template-kwargs", field="chat_template_kwargs", type=json_object, metavar="JSON",
+        help='keyword arguments of the chat template, e.g. \'{"enable_thinking": false}\' (Qwen3); recorded')
 
 
 def recipe_overrides(args: argparse.Namespace) -> dict:

@@ -36,6 +36,8 @@ class EvalOptions:
     chat_template: bool = True
     device: str = "auto"
     dtype: str = "auto"
+    system_prompt: str | None = None  # None: keep what the tokenizer carries (a quantizing run's own)
+    chat_template_kwargs: dict | None = None
     tensor_parallel_size: int | None = None
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
@@ -55,9 +57,13 @@ class EvalOptions:
         if self.judge != "keyword":
             _parse_judge(self.judge)
 
-    def record(self) -> dict:
+    def record(self, tokenizer=None) -> dict:
         """What the results depend on (``compare`` refuses runs whose settings differ)."""
+        from ..data.chat import chat_options
+
+        chat = chat_options(tokenizer) if tokenizer is not None else {"system": None, "template_kwargs": {}}
         return {"limit": self.limit, "max_new_tokens": self.max_new_tokens,
+                "system_prompt": chat["system"], "chat_template_kwargs": chat["template_kwargs"],
                 "judge": KEYWORD_JUDGE if self.judge == "keyword" else self.judge, "greedy": True,
                 "chat_template": self.chat_template, "context_length": self.context_length,
                 "ppl_windows": self.ppl_windows}
@@ -132,6 +138,12 @@ def evaluate_model(model: Any, suites: str | list[str], *, tokenizer: Any = None
     else:  # an in-memory model runs where --device says (auto: CUDA when present) and goes back after
         home = next(lm.model.parameters()).device
         lm.model.to(pick_device(opts.device))
+    if opts.system_prompt is not None or opts.chat_template_kwargs is not None:
+        from ..data.chat import chat_options, set_chat_options
+
+        cur = chat_options(lm.tokenizer)
+        set_chat_options(lm.tokenizer, opts.system_prompt if opts.system_prompt is not None else cur["system"],
+                         opts.chat_template_kwargs if opts.chat_template_kwargs is not None else cur["template_kwargs"])
     if opts.chat_template:
         require_chat_template(lm.tokenizer, spec or lm.path)
     cfg = EvalConfig(limit=opts.limit, data_dir=opts.data_dir, max_new_tokens=opts.max_new_tokens,
@@ -152,7 +164,7 @@ def evaluate_model(model: Any, suites: str | list[str], *, tokenizer: Any = None
         if spec is None:
             lm.model.to(home)
     samples = pop_samples(results)
-    doc = {"model": spec or lm.path, "model_path": lm.path, "suites": results, "config": opts.record(),
+    doc = {"model": spec or lm.path, "model_path": lm.path, "suites": results, "config": opts.record(lm.tokenizer),
            "wall_time_s": round(time.time() - t0, 1)}
     return doc, samples
 

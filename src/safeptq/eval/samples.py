@@ -115,7 +115,7 @@ def compare_runs(run_a, run_b, suites: list[str] | None = None) -> dict[str, dic
 
 _RUN_FILES = ("quantize.json", "realign.json", "aaq.json")
 # settings that change verdicts: runs that differ in any of them are not paired data
-COMPARABLE = ("judge", "max_new_tokens", "chat_template", "limit")
+COMPARABLE = ("judge", "max_new_tokens", "chat_template", "limit", "system_prompt", "chat_template_kwargs")
 
 
 def run_document(run: str | Path) -> tuple[Path, dict] | None:

@@ -144,6 +144,9 @@ def _setup(method: Method, recipe, options: RunOptions, spec: str | None, loaded
         lm, label = loaded, getattr(loaded, "path", None) or "<in-memory>"
         dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
         model_id = tensors_identity(lm.model)
+    from ..data.chat import set_chat_options
+
+    set_chat_options(lm.tokenizer, recipe.system_prompt, recipe.chat_template_kwargs)  # eval, calibration, probes
     if (Path(str(lm.path)) / SIDE_FILE).exists():
         raise ModelError(f"{label} is already a safeptq quantized export; quantize the original model")
     cfg = lm.model.config

@@ -49,6 +49,7 @@ class Realign(BlockwiseMethod):
         return self._separability(s, "after")
 
     def _make_objective(self, s: Session):
+        from ..data.chat import set_chat_options
         from ..models import load_model
         from ..objectives import ProbePush
         from ..probes import LayerProbes
@@ -63,6 +64,7 @@ class Realign(BlockwiseMethod):
             spec = ProbeSpec(seqlen=r.calib.seqlen, chat=r.calib.chat, C=r.probes.C, seed=r.seed)
             if r.probes.model:
                 ref = load_model(r.probes.model, dtype=s.dtype, device=s.device)
+                set_chat_options(ref.tokenizer, r.system_prompt, r.chat_template_kwargs)
                 probes, where = get_probes(ref.model, ref.tokenizer, ref.path, spec, data_dir=r.data_dir,
                                            progress=s.progress)
                 if r.objective.malicious_target == "state":

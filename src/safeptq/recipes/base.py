@@ -157,6 +157,8 @@ class BaseRecipe(RecipeModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     precision: Literal["auto", "fp32", "tf32", "bf16"] = "auto"
     data_dir: str | None = None
+    system_prompt: str | None = None
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     calib: CalibRecipe = Field(default_factory=CalibRecipe)
     eval: EvalRecipe = Field(default_factory=EvalRecipe)
 
