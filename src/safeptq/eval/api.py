@@ -144,7 +144,10 @@ def evaluate_model(model: Any, suites: str | list[str], *, tokenizer: Any = None
         cur = chat_options(lm.tokenizer)
         set_chat_options(lm.tokenizer, opts.system_prompt if opts.system_prompt is not None else cur["system"],
                          opts.chat_template_kwargs if opts.chat_template_kwargs is not None else cur["template_kwargs"])
-    if opts.chat_template:
+    from ..data.registry import REGISTRY
+
+    text_only = all(n in REGISTRY and REGISTRY[n].kind == "text" for n in names)
+    if opts.chat_template and not text_only:  # perplexity needs no template (base models have none)
         require_chat_template(lm.tokenizer, spec or lm.path)
     cfg = EvalConfig(limit=opts.limit, data_dir=opts.data_dir, max_new_tokens=opts.max_new_tokens,
                      batch_size=opts.batch_size, context_length=opts.context_length, ppl_windows=opts.ppl_windows,
