@@ -80,3 +80,25 @@ def test_two_runs_on_one_out_exactly_one_proceeds(tiny_model_dir, tmp_path, data
     doc = json.loads((out / "quantize.json").read_text())
     assert doc["scheme"]["name"] == "w8a8" and json.loads((out / "safeptq_quant.json").read_text())["scheme"]["name"] \
         == "w8a8"
+
+
+def test_sigterm_takes_the_interrupt_path(tiny_model_dir, tmp_path, data):
+    """A scheduler's SIGTERM: exit 130, the work folder and --resume named, no staging folder or lock left."""
+    import signal
+
+    out = tmp_path / "o"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    argv = [sys.executable, "-m", "safeptq", *_q(tiny_model_dir, out)]
+    argv[argv.index("--epochs") + 1] = "60"
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    work = tmp_path / "o.work" / "blocks"
+    for _ in range(1200):
+        if (work.is_dir() and any(work.iterdir())) or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "o.work" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.work"]  # checkpoints kept, nothing else

@@ -112,3 +112,14 @@ def test_in_memory_model_and_lazy_import(tiny_llama):
     code = "import sys, safeptq; assert 'torch' not in sys.modules and 'safeptq.api' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
     assert Path(safeptq.__file__).parent.name == "safeptq"
+
+
+def test_ls_lists_the_registries(capsys):
+    from safeptq.methods import METHODS
+    from safeptq.objectives import OBJECTIVES
+    from safeptq.quant.args import SCHEMES
+
+    assert main(["ls"]) == 0
+    out = capsys.readouterr().out
+    for name in [*METHODS, *OBJECTIVES, *SCHEMES, "advbench:eval"]:
+        assert f"\n{name} " in out, name

@@ -44,6 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (a scheduler stopping the job) takes the Ctrl-C path: staging folders removed, locks
+    released, the work folder and the --resume command named."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        def handler(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -57,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..errors import SafePTQError
     from .flags import flag_message
 
+    _sigterm_as_interrupt()
     try:
         return args._cmd.run(args)
     except SafePTQError as e:
