@@ -211,6 +211,9 @@ def test_broken_files_are_one_line_errors(tmp_path, data, capsys):
     for f in t.glob("tokenizer*"):
         f.unlink()
     cli_error(capsys, ["eval", "--model", t, "--suite", "advbench:eval"], "cannot load a tokenizer")
+    gguf = tmp_path / "cut.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 13)  # a GGUF header cut short
+    cli_error(capsys, ["eval", "--model", gguf, "--suite", "advbench:eval"], "cut.gguf")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"prompt": broken\n')
     good = save_tiny_model(tmp_path / "good")
