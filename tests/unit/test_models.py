@@ -39,3 +39,29 @@ def test_pad_token_fallback(tiny_model_dir):
     tok.pad_token = None
     ensure_pad_token(tok)
     assert tok.pad_token == "<|im_end|>"
+
+
+def test_sentencepiece_bpe_gguf_tokenizer_merges_by_score(tmp_path):
+    """Gemma's GGUF tokenizer is SentencePiece BPE: rebuilt with merges ranked by score, "abc" is one
+    piece (transformers' own GGUF converter made it a Unigram that split every word into characters)."""
+    from gguf import GGUFWriter
+
+    from safeptq.models import _spm_bpe_tokenizer
+
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "a", "b", "c", "▁", "ab", "abc", "▁abc"]
+    scores = [-1000.0] * 5 + [0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -3.0]
+    types = [3, 3, 3, 2, 3] + [1] * 7
+    w = GGUFWriter(str(tmp_path / "t.gguf"), "gemma3")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tok = _spm_bpe_tokenizer(tmp_path / "t.gguf")
+    assert tok.tokenize("abc abc") == ["abc", "▁abc"]
+    assert tok("abc<start_of_turn>")["input_ids"] == [2, 10, 4]  # BOS added, the control token kept whole
+    assert tok.decode([10, 11]) == "abc abc"
