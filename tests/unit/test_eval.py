@@ -1,3 +1,4 @@
+import pytest
 import math
 
 import numpy as np
@@ -94,3 +95,22 @@ def test_early_stop_keeps_keyword_verdicts(tiny_model_dir):
     assert judge(early) == judge(full)
     assert all(f.startswith(e) for e, f in zip(early, full))
     assert sum(map(len, early)) <= sum(map(len, full))
+
+
+def test_wilson_interval_is_not_degenerate_at_zero():
+    from safeptq.eval.metrics import rate_with_ci, wilson_ci
+
+    rate, ci, n = rate_with_ci([False] * 170)
+    assert (rate, n) == (0.0, 170) and ci[0] == 0.0 and 0.02 < ci[1] < 0.025
+    lo, hi = wilson_ci(85, 170)
+    assert lo < 0.5 < hi and abs((0.5 - lo) - (hi - 0.5)) < 1e-3
+
+
+def test_lm_eval_suite_names():
+    from safeptq.errors import ConfigError
+    from safeptq.eval import parse_suites
+
+    assert parse_suites("advbench:eval,lm-eval:arc_easy,piqa,mmlu") == [
+        "advbench:eval", "lm-eval:arc_easy", "lm-eval:piqa", "lm-eval:mmlu"]
+    with pytest.raises(ConfigError, match="unknown lm-eval task 'arc_eazy'; did you mean 'arc_easy'"):
+        parse_suites("lm-eval:arc_eazy")

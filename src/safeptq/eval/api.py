@@ -75,7 +75,7 @@ def needs_hf_model(suites: list[str], margin: bool) -> bool:
     from ..data.registry import REGISTRY
     from .tasks import TASKS
 
-    if margin:
+    if margin or any(n.startswith("lm-eval:") for n in suites):  # lm-eval scores log-likelihoods itself
         return True
     for name in suites:
         spec = REGISTRY.get(name)  # None: a user file of harmful/benign prompts, generation only
@@ -122,8 +122,13 @@ def evaluate_model(model: Any, suites: str | list[str], *, tokenizer: Any = None
     from ..data.registry import check_prompt_set
     from ..models import pick_device
 
+    from .lmeval import check_lm_eval_data, is_lm_eval_suite
+
     for name in names:  # every suite's data is there: checked before the model loads
-        check_prompt_set(name, opts.data_dir)
+        if is_lm_eval_suite(name):
+            check_lm_eval_data(name, opts.data_dir)
+        else:
+            check_prompt_set(name, opts.data_dir)
     pick_device(opts.device)
     if hasattr(model, "model") and hasattr(model, "record") and hasattr(model, "save"):  # a QuantizedModel
         model, tokenizer = model.model, model.tokenizer
@@ -146,7 +151,7 @@ def evaluate_model(model: Any, suites: str | list[str], *, tokenizer: Any = None
                          opts.chat_template_kwargs if opts.chat_template_kwargs is not None else cur["template_kwargs"])
     from ..data.registry import REGISTRY
 
-    text_only = all(n in REGISTRY and REGISTRY[n].kind == "text" for n in names)
+    text_only = all((n in REGISTRY and REGISTRY[n].kind == "text") or n.startswith("lm-eval:") for n in names)
     if opts.chat_template and not text_only:  # perplexity needs no template (base models have none)
         require_chat_template(lm.tokenizer, spec or lm.path)
     cfg = EvalConfig(limit=opts.limit, data_dir=opts.data_dir, max_new_tokens=opts.max_new_tokens,

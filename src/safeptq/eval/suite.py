@@ -45,8 +45,21 @@ class EvalConfig:
 
 
 def parse_suites(spec: str | list[str]) -> list[str]:
-    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    """Suite names: registered prompt sets, user files, and ``lm-eval:TASK`` (several tasks may follow one
+    prefix: ``lm-eval:arc_easy,piqa`` is ``lm-eval:arc_easy,lm-eval:piqa`` when the name is not a suite)."""
+    from .lmeval import LM_EVAL_TASKS, PREFIX, is_lm_eval_suite, task_name
+
+    raw = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    names, after_lm_eval = [], False
+    for n in raw:
+        if after_lm_eval and n in LM_EVAL_TASKS and n not in REGISTRY:
+            n = PREFIX + n
+        after_lm_eval = is_lm_eval_suite(n)
+        names.append(n)
     for n in names:
+        if is_lm_eval_suite(n):
+            task_name(n)
+            continue
         if n not in REGISTRY and not _is_file(n):
             import difflib
             close = difflib.get_close_matches(n, REGISTRY, n=3)
@@ -80,10 +93,19 @@ def _samples(prompts, responses, refused, cfg):
 def evaluate(model, tokenizer, suites: list[str], cfg: EvalConfig | None = None,
              generator: Generator | None = None) -> dict:
     """Run every suite; return ``{suite: metrics}`` (samples under each suite's ``samples``)."""
+    from .lmeval import is_lm_eval_suite, run_lm_eval
+
     cfg = cfg or EvalConfig()
     gen = generator or HFGenerator(model, tokenizer, batch_size=cfg.batch_size, progress=cfg.progress)
     out: dict[str, dict] = {}
+    lm_suites = [s for s in suites if is_lm_eval_suite(s)]
+    lm_results = run_lm_eval(model, tokenizer, lm_suites, limit=cfg.limit, batch_size=max(1, cfg.batch_size // 2),
+                             data_dir=cfg.data_dir) if lm_suites else {}
     for name in suites:
+        if name in lm_results:
+            out[name] = lm_results[name]
+            log.info("%s: %s", name, lm_results[name])
+            continue
         ps = load_prompt_set(name, data_dir=cfg.data_dir)
         if ps.kind == "mixed" and cfg.limit is not None:  # keep both parts: `limit` prompts of each
             ps.examples = ([e for e in ps.examples if e.label == "safe"][:cfg.limit]

@@ -177,8 +177,13 @@ def _check_data(recipe) -> None:
     from ..data.registry import check_prompt_set
 
     names = [n for n, _ in parse_calib_spec(recipe.calib.data)] if recipe.uses_calibration else []
+    from ..eval.lmeval import check_lm_eval_data, is_lm_eval_suite
+
     for name in names + list(recipe.eval.suites):
-        check_prompt_set(name, recipe.data_dir)
+        if is_lm_eval_suite(name):
+            check_lm_eval_data(name, recipe.data_dir)
+        else:
+            check_prompt_set(name, recipe.data_dir)
 
 
 def _load_calibration(s: Session) -> None:
