@@ -140,10 +140,19 @@ def test_wikitext2_calib_is_the_second_half_only(shared_data):
     """AAQ's default calibration text never meets the first perplexity windows of ``wikitext2``."""
     from safeptq.data import load_prompt_set
 
-    full = load_prompt_set("wikitext2", data_dir=shared_data).texts[0]
+    full = load_prompt_set("wikitext2:lines", data_dir=shared_data).texts[0]
     half = load_prompt_set("wikitext2:calib", data_dir=shared_data).texts[0]
     assert full.endswith(half) and len(full) // 2 <= len(full) - len(half) < len(full) // 2 + 2000
     assert full[len(full) - len(half) - 1] == "\n"  # cut at a line break
+
+
+def test_wikitext2_is_the_gptq_convention_string(shared_data):
+    """``"\n\n".join`` of the 4,358 HF test rows, empty ones included, rebuilt from the local files."""
+    from safeptq.data import load_prompt_set
+
+    text = load_prompt_set("wikitext2", data_dir=shared_data).texts[0]
+    assert text.startswith("\n\n = Robert Boulter = \n\n\n\n\n Robert Boulter is an English film")
+    assert len(text) == 1_294_336 and text.count("\n\n") >= 4357
 
 
 def test_user_file_labels(tok, tmp_path):

@@ -41,7 +41,9 @@ class EvalCommand(Command):
         g = p.add_argument_group("generation and judging")
         g.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per safety prompt (32)")
         g.add_argument("--batch-size", type=int, default=32)
-        g.add_argument("--context-length", type=int, default=512, help="perplexity window in tokens (512)")
+        g.add_argument("--context-length", type=int, default=None,
+                       help="perplexity window in tokens (default: the model's trained context capped at 2048, the "
+                            "GPTQ convention; wikitext2:lines keeps 0.1's 512)")
         g.add_argument("--ppl-windows", type=int, default=None, help="cap on perplexity windows (default: all)")
         g.add_argument("--margin", action="store_true",
                        help="also report the refusal-likelihood margin on harmful suites (no generation)")

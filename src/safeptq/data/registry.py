@@ -141,6 +141,23 @@ def _wikitext(rows, path):
     return [Example(text=text)]
 
 
+def _wikitext_gptq(rows, path):
+    """The GPTQ / llm-compressor convention: ``"\n\n".join`` of the HF ``wikitext-2-raw-v1`` test rows, empty
+    rows included. The local raw file keeps only the non-empty rows; the official tokenised file
+    (``wiki.test.tokens``, same line layout) says where the 1,467 empty rows were, so the HF rows come back
+    exactly (4,358 rows, each non-empty one ending in a newline as HF has it)."""
+    layout = Path(path).parent / "wiki.test.tokens"
+    if not layout.is_file():
+        raise DataError(f"{layout} not found: the GPTQ-convention WikiText-2 text needs it beside {Path(path).name}")
+    raw = iter(line for line in Path(path).read_text(encoding="utf-8").splitlines() if line)  # CRLF: any newline
+    hf_rows = []
+    for line in layout.read_text(encoding="utf-8").split("\n")[:-1]:
+        hf_rows.append("" if not line.strip() else next(raw) + "\n")
+    if next(raw, None) is not None or len(hf_rows) != 4358:
+        raise DataError(f"{path} and {layout} do not line up as the WikiText-2 test split")
+    return [Example(text="\n\n".join(hf_rows))]
+
+
 def _wikitext_second_half(rows, path):
     """The text from the first paragraph break after its middle on: calibration text that the
     usual capped perplexity evaluation (the first windows of ``wikitext2``) never reads."""
@@ -199,8 +216,12 @@ register(PromptSetSpec("gsm8k", "task", "gsm8k/test.jsonl", _gsm8k, None, "GSM8K
                        HubSource("openai/gsm8k", "main", "test")))
 register(PromptSetSpec("gsm8k:train", "task", "gsm8k/train.jsonl", _gsm8k, None, "GSM8K train (7,473)",
                        HubSource("openai/gsm8k", "main", "train")))
-register(PromptSetSpec("wikitext2", "text", "wikitext2/wiki.test.raw.nonempty_crlf", _wikitext, None,
-                       "WikiText-2 raw test text (perplexity)"))
+register(PromptSetSpec("wikitext2", "text", "wikitext2/wiki.test.raw.nonempty_crlf", _wikitext_gptq, None,
+                       "WikiText-2 raw test split, GPTQ convention: rows joined by blank lines, windows of the "
+                       "model's context capped at 2048 (perplexity)"))
+register(PromptSetSpec("wikitext2:lines", "text", "wikitext2/wiki.test.raw.nonempty_crlf", _wikitext, None,
+                       "WikiText-2 test text as non-empty lines, 512-token windows (safeptq 0.1's perplexity; "
+                       "the earlier BENCHMARKS figures)"))
 register(PromptSetSpec("wikitext2:calib", "text", "wikitext2/wiki.test.raw.nonempty_crlf", _wikitext_second_half,
                        None, "second half of the WikiText-2 test text (calibration; perplexity with up to "
                        "~280 windows of 512 tokens reads only the first half)"))

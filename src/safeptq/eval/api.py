@@ -27,7 +27,7 @@ class EvalOptions:
     data_dir: str | None = None
     max_new_tokens: int = 32
     batch_size: int = 32
-    context_length: int = 512
+    context_length: int | None = None
     ppl_windows: int | None = None
     margin: bool = False
     judge: str = "keyword"
@@ -48,7 +48,7 @@ class EvalOptions:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigError(f"`{name}` must be positive, got {v}")
-        if self.context_length < 2:
+        if self.context_length is not None and self.context_length < 2:
             raise ConfigError(f"`context_length` must be at least 2, got {self.context_length}")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"`gpu_memory_utilization` must be in (0, 1], got {self.gpu_memory_utilization}")

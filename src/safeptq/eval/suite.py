@@ -33,7 +33,7 @@ class EvalConfig:
     max_new_tokens: int = 32  # enough for a keyword refusal judge; DESIGN.md measured with 32
     task_max_new_tokens: int = 256
     batch_size: int = 32
-    context_length: int = 512
+    context_length: int | None = None  # None: the model's trained context capped at 2048 (wikitext2:lines: 512)
     ppl_windows: int | None = None  # None: the whole text
     use_chat_template: bool = True
     margin: bool = False  # also report the refusal-likelihood margin on harmful suites
@@ -66,6 +66,17 @@ def parse_suites(spec: str | list[str]) -> list[str]:
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise UnknownNameError(f"unknown suite {n!r}{hint} (run `safeptq ls` for the list)")
     return names
+
+
+def context_length_for(model, suite: str, asked: int | None) -> int:
+    """The perplexity window: as asked, else 512 for ``wikitext2:lines`` (0.1's setting) and the model's
+    trained context capped at 2048 for everything else (the GPTQ convention)."""
+    if asked is not None:
+        return asked
+    if suite == "wikitext2:lines":
+        return 512
+    trained = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
+    return min(int(trained), 2048)
 
 
 def _is_file(name: str) -> bool:
@@ -142,7 +153,8 @@ def evaluate(model, tokenizer, suites: list[str], cfg: EvalConfig | None = None,
         else:  # text
             text = ps.examples[0].text
             windows = cfg.ppl_windows if cfg.ppl_windows is not None else cfg.limit
-            res = perplexity(model, tokenizer, text, cfg.context_length, max_windows=windows,
+            res = perplexity(model, tokenizer, text, context_length_for(model, name, cfg.context_length),
+                             max_windows=windows,
                              batch_size=max(1, cfg.batch_size // 8), progress=cfg.progress)
         if res.get("samples") is None:
             res.pop("samples", None)
