@@ -122,10 +122,12 @@ class AAQ(Method):
             notes.append("KV cache: K is quantized at the k_proj output, before RoPE (an approximation of a runtime "
                          "that quantizes the rotated K), V exactly; the dense export does not store it")
         calib = {name for name, _ in parse_calib_spec(s.recipe.calib.data)}
-        if "wikitext2" in calib and "wikitext2" in s.recipe.eval.suites:
-            notes.append("calibration and the wikitext2 evaluation read the same WikiText-2 test text, so the "
-                         "perplexity is optimistic (wikitext2:calib, the text half of the default calibration, "
-                         "avoids that)")
+        wiki_cal = {"wikitext2", "wikitext2:calib"} & calib
+        wiki_eval = {"wikitext2", "wikitext2:lines"} & set(s.recipe.eval.suites)
+        if wiki_cal and wiki_eval:
+            notes.append(f"calibration ({', '.join(sorted(wiki_cal))}) and the evaluation ({', '.join(sorted(wiki_eval))}) "
+                         "read the same WikiText-2 test text, so the perplexity is optimistic (wikitext2:calib is "
+                         "the second half: capped perplexity windows that stay in the first half avoid it)")
         if s.recipe.training.weights == "gptq":
             notes.append("weights rounded by GPTQ on the folded model (the authors' pipeline): the learned clipping "
                          "is not used; training shapes the rotation and smoothing only")
