@@ -123,3 +123,17 @@ def test_ls_lists_the_registries(capsys):
     out = capsys.readouterr().out
     for name in [*METHODS, *OBJECTIVES, *SCHEMES, "advbench:eval"]:
         assert f"\n{name} " in out, name
+
+
+def test_eval_cli_defaults_are_the_apis():
+    from dataclasses import fields
+
+    from safeptq.cli.main import build_parser
+    from safeptq.eval.api import EvalOptions
+
+    args = vars(build_parser().parse_args(["eval", "--model", "M", "--suite", "advbench:eval"]))
+    defaults = EvalOptions()
+    for f in fields(EvalOptions):
+        if f.name in args:
+            assert args[f.name] == getattr(defaults, f.name), f.name
+    assert args["no_chat_template"] is (not defaults.chat_template) and args["no_progress"] is (not defaults.progress)
