@@ -84,3 +84,16 @@ def test_registry_lists_everything_the_issue_names():
     names = {s.name for s in list_prompt_sets()}
     assert {"advbench", "harmbench", "xstest", "donotanswer", "beavertails", "alpaca", "sst2", "agnews",
             "gsm8k", "wikitext2", "strongreject", "jbb", "jbb:benign", "advbench:eval", "alpaca:eval"} <= names
+
+
+def test_validation_splits_are_disjoint_from_every_reported_split(shared_data):
+    from safeptq.data import load_prompt_set
+
+    def texts(name):
+        return set(load_prompt_set(name, data_dir=shared_data).texts)
+
+    assert len(texts("harmbench:val")) == 41 and not texts("harmbench:val") & texts("harmbench")
+    val = texts("alpaca:val")
+    assert len(val) == 100
+    for split in ("alpaca:align", "alpaca:calib", "alpaca:eval", "advbench:eval", "xstest"):
+        assert not val & texts(split), split

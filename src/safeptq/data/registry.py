@@ -7,6 +7,8 @@ and evaluation rows never overlap::
 
     advbench:align 0-199 | advbench:calib 200-349 | advbench:eval 350-519
     alpaca (rows with empty input) :align 0-299 | :calib 300-449 | :eval 450-607
+    validation (choosing defaults only): harmbench:val (HarmBench's val file) | alpaca:val (last 100
+    Alpaca rows with an input)
 
 Any CSV/TSV/JSON/JSONL file also works: ``PATH`` or ``PATH@COLUMN``, optionally prefixed with
 ``harmful:`` (the default) or ``benign:``.
@@ -101,6 +103,16 @@ def _alpaca(rows, path):
     return [Example(text=r[c].strip(), target=r[out]) for r in rows if not str(r.get("input", "")).strip()]
 
 
+def _alpaca_val(rows, path):
+    """Validation prompts for choosing defaults: the last 100 Alpaca rows *with* an input (instruction and
+    input as one prompt). No evaluation split reads them and the organism's alignment stage takes only the
+    first rows with an input (150 by default), so choices made here never see a reported figure."""
+    c = pick_column(rows, path, "instruction")
+    with_input = [r for r in rows if str(r.get("input", "")).strip()]
+    return [Example(text=f"{r[c].strip()}\n\n{str(r['input']).strip()}", target=r.get("output"))
+            for r in with_input[-100:]]
+
+
 def _sst2(rows, path):
     c = pick_column(rows, path, "sentence")
     lab = pick_column(rows, path, "label")
@@ -188,6 +200,11 @@ register(PromptSetSpec("harmbench", "harmful", "harmbench/harmbench_behaviors_te
                        None, "HarmBench test split, standard behaviours (159)",
                        HubSource("walledai/HarmBench", "standard", "train",
                                  lambda rs: [{"Behavior": r["prompt"], "FunctionalCategory": "standard"} for r in rs])))
+register(PromptSetSpec("harmbench:val", "harmful", "harmbench/harmbench_behaviors_text_val.csv", _harmbench,
+                       None, "HarmBench's own validation split, its 41 standard behaviours of 80 (for choosing defaults; "
+                       "never in a reported figure)"))
+register(PromptSetSpec("alpaca:val", "benign", _ALP, _alpaca_val, None,
+                       "last 100 Alpaca rows with an input (benign validation for choosing defaults)"))
 _xs_hub = HubSource("walledai/XSTest", None, "test")
 register(PromptSetSpec("xstest", "mixed", "xstest/xstest_prompts.csv", _xstest(None), None,
                        "XSTest v2: 250 safe (over-refusal) + 200 unsafe prompts", _xs_hub))
