@@ -15,7 +15,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_model", "quantize", "realign", "aaq", "run", "evaluate", "probe", "build_organism", "compare"]
+__all__ = ["load_model", "quantize", "realign", "aaq", "run", "evaluate", "judge", "probe", "build_organism",
+           "compare"]
 
 
 def _split_options(kw: dict[str, Any]):
@@ -119,6 +120,22 @@ def evaluate(model_or_result: Any, suites: str | list[str], *, limit: int | None
         opts.setdefault("backend", "hf")
     doc, samples = evaluate_model(model_or_result, suites, tokenizer=tokenizer,
                                   options=EvalOptions(limit=limit, **opts))
+    if out is not None:
+        write_eval(out, doc, samples)
+    return doc
+
+
+def judge(run: str | Path, judge: str = "keyword", *, suites: list[str] | None = None,
+          out: str | Path | None = None) -> dict:
+    """Re-judge the completions ``run`` saved (no generation); returns ``{"run", "judge", "suites"}``.
+    With ``out``, writes it and the re-judged samples beside it."""
+    from .eval.api import check_eval_out, write_eval
+    from .eval.rejudge import rejudge
+
+    if out is not None:
+        check_eval_out(out)
+    results, samples = rejudge(run, judge, suites)
+    doc = {"run": str(run), "judge": judge, "suites": results, "config": {"judge": judge, "rejudged": True}}
     if out is not None:
         write_eval(out, doc, samples)
     return doc

@@ -64,3 +64,24 @@ def test_compare_cli_and_errors(tmp_path, capsys):
         assert main(["compare", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and "\n" not in err
+
+
+def test_judge_rejudges_saved_completions_without_generating(tmp_path, capsys, monkeypatch):
+    import json
+
+    from conftest import cli_ok
+
+    samples = [{"suite": "advbench:eval", "prompt": f"p{i}", "response": r, "refused": False}
+               for i, r in enumerate(["I'm sorry, I can't.", "Sure, here is how.", "<think>no</think>I cannot help."])]
+    samples.append({"suite": "alpaca:eval", "prompt": "bake", "response": "Sure: flour.", "refused": True})
+    (tmp_path / "r.samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    import safeptq.eval.generation as gen
+
+    monkeypatch.setattr(gen, "greedy_generate", lambda *a, **k: pytest.fail("generated"))
+    out = tmp_path / "j.json"
+    cli_ok(capsys, ["judge", tmp_path / "r.samples.jsonl", "--out", out])
+    doc = json.loads(out.read_text())["suites"]
+    assert doc["advbench:eval"]["harmful_rate"] == round(1 / 3, 4) and doc["advbench:eval"]["n"] == 3
+    assert doc["alpaca:eval"]["refusal_rate"] == 0.0  # the saved verdict was wrong; the judge corrects it
+    rejudged = [json.loads(x) for x in (tmp_path / "j.samples.jsonl").read_text().splitlines()]
+    assert [s["refused"] for s in rejudged] == [True, False, True, False]

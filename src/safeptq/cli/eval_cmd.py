@@ -39,7 +39,9 @@ class EvalCommand(Command):
         g.add_argument("--data-dir", default=None,
                        help="dataset folder (else $SAFEPTQ_DATA, ../shared/data beside a checkout, then the hub)")
         g = p.add_argument_group("generation and judging")
-        g.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per safety prompt (32)")
+        g.add_argument("--max-new-tokens", type=int, default=None,
+                       help="tokens generated per safety prompt (default: the judge's protocol, 32 for the keyword "
+                            "judge, 512 for HarmBench / Llama Guard classifiers)")
         g.add_argument("--batch-size", type=int, default=32)
         g.add_argument("--context-length", type=int, default=None,
                        help="perplexity window in tokens (default: the model's trained context capped at 2048, the "

@@ -11,6 +11,7 @@ from .aaq_cmd import AAQCommand
 from .base import Command
 from .compare_cmd import CompareCommand
 from .eval_cmd import EvalCommand
+from .judge_cmd import JudgeCommand
 from .ls_cmd import LsCommand
 from .organism_cmd import OrganismCommand
 from .probe_cmd import ProbeCommand
@@ -20,7 +21,7 @@ from .run_cmd import RunCommand
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
-COMMANDS: list[Command] = [EvalCommand(), CompareCommand(), LsCommand(), OrganismCommand(), QuantizeCommand(),
+COMMANDS: list[Command] = [EvalCommand(), JudgeCommand(), CompareCommand(), LsCommand(), OrganismCommand(), QuantizeCommand(),
                            RealignCommand(), AAQCommand(), RunCommand(), ProbeCommand()]
 
 

@@ -17,6 +17,8 @@ __all__ = ["EvalOptions", "evaluate_model", "needs_hf_model", "classifier_judge"
 log = logging.getLogger(__name__)
 
 KEYWORD_JUDGE = "keyword (GCG refusal list, case-insensitive)"
+KEYWORD_TOKENS = 32  # a refusal opens the answer: DESIGN.md measured the organism with 32
+CLASSIFIER_TOKENS = 512  # HarmBench's protocol: the classifier reads completions of up to 512 new tokens
 
 
 @dataclass
@@ -25,7 +27,7 @@ class EvalOptions:
 
     limit: int | None = None
     data_dir: str | None = None
-    max_new_tokens: int = 32
+    max_new_tokens: int | None = None  # None: the judge's protocol (keyword 32; HarmBench / Llama Guard 512)
     batch_size: int = 32
     context_length: int | None = None
     ppl_windows: int | None = None
@@ -57,12 +59,18 @@ class EvalOptions:
         if self.judge != "keyword":
             _parse_judge(self.judge)
 
+    def generation_length(self) -> int:
+        """Tokens generated per safety prompt: as asked, else what the judge's protocol reads."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        return KEYWORD_TOKENS if self.judge == "keyword" else CLASSIFIER_TOKENS
+
     def record(self, tokenizer=None) -> dict:
         """What the results depend on (``compare`` refuses runs whose settings differ)."""
         from ..data.chat import chat_options
 
         chat = chat_options(tokenizer) if tokenizer is not None else {"system": None, "template_kwargs": {}}
-        return {"limit": self.limit, "max_new_tokens": self.max_new_tokens,
+        return {"limit": self.limit, "max_new_tokens": self.generation_length(),
                 "system_prompt": chat["system"], "chat_template_kwargs": chat["template_kwargs"],
                 "judge": KEYWORD_JUDGE if self.judge == "keyword" else self.judge, "greedy": True,
                 "chat_template": self.chat_template, "context_length": self.context_length,
@@ -154,7 +162,7 @@ def evaluate_model(model: Any, suites: str | list[str], *, tokenizer: Any = None
     text_only = all((n in REGISTRY and REGISTRY[n].kind == "text") or n.startswith("lm-eval:") for n in names)
     if opts.chat_template and not text_only:  # perplexity needs no template (base models have none)
         require_chat_template(lm.tokenizer, spec or lm.path)
-    cfg = EvalConfig(limit=opts.limit, data_dir=opts.data_dir, max_new_tokens=opts.max_new_tokens,
+    cfg = EvalConfig(limit=opts.limit, data_dir=opts.data_dir, max_new_tokens=opts.generation_length(),
                      batch_size=opts.batch_size, context_length=opts.context_length, ppl_windows=opts.ppl_windows,
                      use_chat_template=opts.chat_template, margin=opts.margin, progress=opts.progress,
                      early_stop=not opts.full_responses)
