@@ -203,3 +203,32 @@ def save_tiny_family(path: Path, family: str, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+
+# -- a seconds-long block-wise quantize command (omniquant, 4 samples of 16 tokens, 1 epoch) ----------------
+QUICK_QUANTIZE = ["quantize", "--method", "omniquant", "--scheme", "w8a8", "--nsamples", "4", "--seqlen", "16",
+                  "--epochs", "1", "--no-progress"]
+
+
+def quick_quantize(model, out, *extra) -> list:
+    return [*QUICK_QUANTIZE, "--model", model, "--out", out, *extra]
+
+
+@pytest.fixture
+def data(shared_data, monkeypatch):
+    """The shared data folder, also as $SAFEPTQ_DATA (for subprocesses and commands without --data-dir)."""
+    monkeypatch.setenv("SAFEPTQ_DATA", str(shared_data))
+    return shared_data
+
+
+def break_phase(monkeypatch, phase: str, exc: BaseException) -> None:
+    """Make a run fail (or be interrupted) at ``phase``: calibration, export, eval or record."""
+    def boom(*a, **k):
+        raise exc
+
+    target = {"calibration": "safeptq.quant.engine.calibrate_blockwise",
+              "export": "safeptq.export.save.save_quantized",
+              "eval": "safeptq.eval.api.evaluate_model",
+              "record": "safeptq.export.card.model_card"}[phase]
+    monkeypatch.setattr(target, boom)

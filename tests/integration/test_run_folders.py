@@ -9,31 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO, cli_ok, folder_digest
-
-Q = ["quantize", "--method", "omniquant", "--scheme", "w8a8", "--nsamples", "4", "--seqlen", "16", "--epochs", "1",
-     "--no-progress"]
-
-
-def _q(model, out, *extra):
-    return [*Q, "--model", model, "--out", out, *extra]
-
-
-@pytest.fixture
-def data(shared_data, monkeypatch):
-    monkeypatch.setenv("SAFEPTQ_DATA", str(shared_data))
-    return shared_data
-
-
-def _break(monkeypatch, phase: str, exc: BaseException):
-    def boom(*a, **k):
-        raise exc
-
-    target = {"calibration": "safeptq.quant.engine.calibrate_blockwise",
-              "export": "safeptq.export.save.save_quantized",
-              "eval": "safeptq.eval.api.evaluate_model",
-              "record": "safeptq.export.card.model_card"}[phase]
-    monkeypatch.setattr(target, boom)
+from conftest import REPO, break_phase, cli_ok, folder_digest, quick_quantize
 
 
 @pytest.mark.parametrize("phase", ["calibration", "export", "eval", "record"])
@@ -44,13 +20,13 @@ def test_a_failed_or_interrupted_rerun_leaves_the_previous_run_intact(tiny_model
     from safeptq.errors import ExportError
 
     out = tmp_path / "o"
-    argv = (_q(tiny_model_dir, out) if phase == "calibration" else  # the other phases: a fast method
+    argv = (quick_quantize(tiny_model_dir, out) if phase == "calibration" else  # the other phases: a fast method
             ["quantize", "--method", "rtn", "--scheme", "w8a8", "--model", tiny_model_dir, "--out", out,
              "--eval", "advbench:eval", "--eval-limit", "2", "--no-progress"])
     cli_ok(capsys, argv)
     before = folder_digest(out)
     with monkeypatch.context() as m:
-        _break(m, phase, ExportError("disk full") if kind == "error" else KeyboardInterrupt())
+        break_phase(m, phase, ExportError("disk full") if kind == "error" else KeyboardInterrupt())
         rc = main([str(a) for a in argv])
     assert rc == (2 if kind == "error" else 130)
     assert folder_digest(out) == before  # the earlier complete run, byte for byte
@@ -60,11 +36,10 @@ def test_a_failed_or_interrupted_rerun_leaves_the_previous_run_intact(tiny_model
         assert not (tmp_path / "o.work").exists()  # nothing to resume from: no folder left behind
 
 
-
 def test_two_runs_on_one_out_exactly_one_proceeds(tiny_model_dir, tmp_path, data):
     out = tmp_path / "o"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    slow = [sys.executable, "-m", "safeptq", *_q(tiny_model_dir, out)]
+    slow = [sys.executable, "-m", "safeptq", *quick_quantize(tiny_model_dir, out)]
     slow[slow.index("--epochs") + 1] = "40"  # long enough to hold the lock while the second starts
     first = subprocess.Popen(slow, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = tmp_path / ".o.lock"
@@ -72,7 +47,7 @@ def test_two_runs_on_one_out_exactly_one_proceeds(tiny_model_dir, tmp_path, data
         if lock.exists() or first.poll() is not None:
             break
         time.sleep(0.05)
-    second = subprocess.run([sys.executable, "-m", "safeptq", *_q(tiny_model_dir, out, "--scheme", "w4a16")],
+    second = subprocess.run([sys.executable, "-m", "safeptq", *quick_quantize(tiny_model_dir, out, "--scheme", "w4a16")],
                             env=env, capture_output=True, text=True)
     out1, err1 = first.communicate(timeout=300)
     assert first.returncode == 0, err1
@@ -88,7 +63,7 @@ def test_sigterm_takes_the_interrupt_path(tiny_model_dir, tmp_path, data):
 
     out = tmp_path / "o"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    argv = [sys.executable, "-m", "safeptq", *_q(tiny_model_dir, out)]
+    argv = [sys.executable, "-m", "safeptq", *quick_quantize(tiny_model_dir, out)]
     argv[argv.index("--epochs") + 1] = "60"
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     work = tmp_path / "o.work" / "blocks"

@@ -9,20 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import cli_error, cli_ok, folder_digest, save_tiny_model
-
-Q = ["quantize", "--method", "omniquant", "--scheme", "w8a8", "--nsamples", "4", "--seqlen", "16", "--epochs", "1",
-     "--no-progress"]
-
-
-def _q(model, out, *extra):
-    return [*Q, "--model", model, "--out", out, *extra]
-
-
-@pytest.fixture
-def data(shared_data, monkeypatch):
-    monkeypatch.setenv("SAFEPTQ_DATA", str(shared_data))
-    return shared_data
+from conftest import break_phase, cli_error, cli_ok, folder_digest, quick_quantize, save_tiny_model
 
 
 # -- 1. organism links never replace a real folder -------------------------------------------------------
@@ -47,31 +34,20 @@ def test_work_dir_with_the_engines_file_names_but_no_marker_is_refused(tiny_mode
     (work / "state.pt").write_text("my state")
     (work / "blocks" / "0.pt").write_text("my block")
     before = folder_digest(work)
-    cli_error(capsys, _q(tiny_model_dir, tmp_path / "o", "--work-dir", work), "was not created by safeptq")
+    cli_error(capsys, quick_quantize(tiny_model_dir, tmp_path / "o", "--work-dir", work), "was not created by safeptq")
     assert folder_digest(work) == before and not (tmp_path / "o").exists()
 
 
 # -- 3. --out: user files are never replaced; a rerun replaces the old run only once it is complete ---------
 def test_out_with_a_users_file_is_refused_then_overwrite_replaces_it(tiny_model_dir, tmp_path, data, capsys):
     out = tmp_path / "o"
-    cli_ok(capsys, _q(tiny_model_dir, out))
+    cli_ok(capsys, quick_quantize(tiny_model_dir, out))
     (out / "notes.md").write_text("my notes")
     before = folder_digest(out)
-    line = cli_error(capsys, _q(tiny_model_dir, out), "holds files safeptq did not write (notes.md)")
+    line = cli_error(capsys, quick_quantize(tiny_model_dir, out), "holds files safeptq did not write (notes.md)")
     assert "--overwrite" in line and folder_digest(out) == before
-    cli_ok(capsys, _q(tiny_model_dir, out, "--overwrite"))
+    cli_ok(capsys, quick_quantize(tiny_model_dir, out, "--overwrite"))
     assert not (out / "notes.md").exists() and (out / "quantize.json").is_file()
-
-
-def _break(monkeypatch, phase: str, exc: BaseException):
-    def boom(*a, **k):
-        raise exc
-
-    target = {"calibration": "safeptq.quant.engine.calibrate_blockwise",
-              "export": "safeptq.export.save.save_quantized",
-              "eval": "safeptq.eval.api.evaluate_model",
-              "record": "safeptq.export.card.model_card"}[phase]
-    monkeypatch.setattr(target, boom)
 
 
 # -- 4. exclusive runs --------------------------------------------------------------------------------------
@@ -82,13 +58,13 @@ def test_a_held_lock_refuses_and_a_stale_one_is_taken_over(tiny_model_dir, tmp_p
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        cli_error(capsys, _q(tiny_model_dir, out), "is in use by another safeptq run (pid")
+        cli_error(capsys, quick_quantize(tiny_model_dir, out), "is in use by another safeptq run (pid")
         assert not out.exists()
     finally:
         holder.kill()
         holder.wait()
     assert (tmp_path / ".o.lock").exists()  # killed: its lock is stale now
-    cli_ok(capsys, _q(tiny_model_dir, out))
+    cli_ok(capsys, quick_quantize(tiny_model_dir, out))
     assert "stale lock" in caplog.text and not (tmp_path / ".o.lock").exists()
 
 
@@ -98,9 +74,9 @@ def test_resume_refuses_a_model_retrained_in_place(tmp_path, data, capsys, monke
     from safeptq.errors import ExportError
 
     model = save_tiny_model(tmp_path / "m")
-    argv = _q(model, tmp_path / "o", "--work-dir", tmp_path / "w")
+    argv = quick_quantize(model, tmp_path / "o", "--work-dir", tmp_path / "w")
     with monkeypatch.context() as m:
-        _break(m, "export", ExportError("disk full"))
+        break_phase(m, "export", ExportError("disk full"))
         assert main([str(a) for a in argv]) == 2
     capsys.readouterr()
     assert (tmp_path / "w" / "state.pt").is_file()
@@ -130,7 +106,7 @@ def test_a_checkpoint_missing_tensors_or_naming_another_architecture_is_refused(
     t.pop("model.layers.1.mlp.down_proj.weight")
     save_file(t, str(m / "model.safetensors"), metadata={"format": "pt"})
     cli_error(capsys, ["eval", "--model", m, "--suite", "advbench:eval"], "lacks model.layers.1.mlp.down_proj.weight")
-    cli_error(capsys, _q(m, tmp_path / "o"), "refusing to fill them with random weights")
+    cli_error(capsys, quick_quantize(m, tmp_path / "o"), "refusing to fill them with random weights")
     assert not (tmp_path / "o").exists()
     m2 = save_tiny_model(tmp_path / "m2")
     cfg = json.loads((m2 / "config.json").read_text())
@@ -188,7 +164,7 @@ def test_quantize_bad_input_before_loading(tiny_model_dir, tmp_path, data, capsy
     if needle == "cuda" and torch.cuda.device_count() > 7:
         pytest.skip("has 8 CUDA devices")
     monkeypatch.setattr(safeptq.models, "load_model", lambda *a, **k: pytest.fail("loaded before checking"))
-    cli_error(capsys, _q(tiny_model_dir, tmp_path / "o", *extra), needle)
+    cli_error(capsys, quick_quantize(tiny_model_dir, tmp_path / "o", *extra), needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -217,12 +193,12 @@ def test_broken_files_are_one_line_errors(tmp_path, data, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"prompt": broken\n')
     good = save_tiny_model(tmp_path / "good")
-    cli_error(capsys, _q(good, tmp_path / "o", "--calib", f"harmful:{bad}"), "bad.jsonl")
+    cli_error(capsys, quick_quantize(good, tmp_path / "o", "--calib", f"harmful:{bad}"), "bad.jsonl")
     w = tmp_path / "o2.work"
     w.mkdir()
     (w / ".safeptq-work.json").write_text("{}")
     (w / "state.pt").write_bytes(b"not a checkpoint")
-    cli_error(capsys, _q(good, tmp_path / "o2", "--resume"), "cannot be read")
+    cli_error(capsys, quick_quantize(good, tmp_path / "o2", "--resume"), "cannot be read")
 
 
 def test_aaq_warns_when_training_cannot_change_the_export(tmp_path, data, capsys, caplog):
