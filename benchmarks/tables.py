@@ -105,8 +105,33 @@ def main(folders: list[str]) -> None:
         print("| " + " | ".join(r) + " |")
 
 
+LM_EVAL = ["arc_easy", "arc_challenge", "piqa", "winogrande", "boolq", "lambada_openai", "mmlu"]
+
+
+def lm_eval_table(paths: list[str]) -> None:
+    """Capability table: lm-eval accuracies (with Wilson intervals and n) and GPTQ-convention perplexity."""
+    head = ["run", *LM_EVAL, "WikiText-2 ppl (GPTQ conv.)"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for f in map(Path, paths):
+        doc = load(f)
+        if doc is None:
+            continue
+        ev = doc.get("eval") or {}
+        name = f.name.removesuffix(".json")
+        cells = [name]
+        for t in LM_EVAL:
+            r = ev.get(f"lm-eval:{t}")
+            cells.append("—" if not r else f"{r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] n={r['n']}")
+        w = ev.get("wikitext2")
+        cells.append("—" if not w else f"{w['perplexity']:.2f} ({w['windows']}×{w['context_length']})")
+        print("| " + " | ".join(cells) + " |")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--aaq"]:
         aaq_table(sys.argv[2:])
+    elif sys.argv[1:2] == ["--lm-eval"]:
+        lm_eval_table(sys.argv[2:])
     else:
         main(sys.argv[1:])
