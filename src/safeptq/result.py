@@ -4,6 +4,7 @@ committed in one rename) or evaluate it."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -95,8 +96,8 @@ class QuantizedModel:
         from .export.card import CARD_FILE, model_card
         from .export.folder import SIDE_FILE
         from .export.verify import verify_export
-        from .memory import phase_peak, process_peak_mb
         from .export.save import by_llmcompressor, save_quantized
+        from .memory import phase_peak, process_peak_mb
         from .recipes import RECIPE_FILE
         from .runs import FolderLock, StagedRun, write_json_atomic
 
@@ -121,8 +122,6 @@ class QuantizedModel:
                                   progress=self._session.progress if self._session is not None else True)
                 if self._samples:  # per-prompt verdicts, for `safeptq compare`
                     write_samples(stage.dir / SAMPLES_FILE, self._samples)
-                import json
-
                 info = json.loads((stage.dir / SIDE_FILE).read_text())
                 rss, acc = process_peak_mb()
                 doc = {**self.record, "wall_time_s": round(time.time() - self._t0(), 1),

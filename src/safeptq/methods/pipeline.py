@@ -175,10 +175,9 @@ def _check_data(recipe) -> None:
     """Every prompt set the run will read (calibration, evaluation) exists: checked before the model loads."""
     from ..data.calib import parse_calib_spec
     from ..data.registry import check_prompt_set
-
-    names = [n for n, _ in parse_calib_spec(recipe.calib.data)] if recipe.uses_calibration else []
     from ..eval.lmeval import check_lm_eval_data, is_lm_eval_suite
 
+    names = [n for n, _ in parse_calib_spec(recipe.calib.data)] if recipe.uses_calibration else []
     for name in names + list(recipe.eval.suites):
         if is_lm_eval_suite(name):
             check_lm_eval_data(name, recipe.data_dir)
