@@ -2,6 +2,7 @@
 
     python benchmarks/tables.py runs/bench/realign/*        # one row per run folder
     python benchmarks/tables.py --aaq runs/bench/aaq/fp-aligned.json runs/bench/aaq/*/   # AAQ table
+    python benchmarks/tables.py --lm-eval runs/bench/lmeval/*.json   # capability table (RUN.mmlu.json merged)
 """
 
 from __future__ import annotations
@@ -114,11 +115,16 @@ def lm_eval_table(paths: list[str]) -> None:
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for f in map(Path, paths):
+        if f.name.endswith(".mmlu.json"):
+            continue  # merged into its row below
         doc = load(f)
         if doc is None:
             continue
-        ev = doc.get("eval") or {}
+        ev = dict(doc.get("eval") or {})
         name = f.name.removesuffix(".json")
+        mmlu = f.with_name(f"{name}.mmlu.json")  # MMLU run on its own, at its own per-subject limit
+        if mmlu.is_file():
+            ev.update(load(mmlu)["eval"])
         cells = [name]
         for t in LM_EVAL:
             r = ev.get(f"lm-eval:{t}")
