@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["load_model", "quantize", "realign", "aaq", "run", "evaluate", "judge", "probe", "build_organism",
-           "compare"]
+           "compare", "report"]
 
 
 def _split_options(kw: dict[str, Any]):
@@ -170,3 +170,13 @@ def compare(run_a: str | Path, run_b: str | Path, suites: list[str] | None = Non
     from .eval.samples import compare_runs
 
     return compare_runs(run_a, run_b, suites)
+
+
+def report(runs: list[str | Path], out: str | Path = "report.html", *, baseline: str | None = None,
+           names: list[str] | None = None, title: str = "safeptq report") -> dict[str, Path]:
+    """One self-contained HTML page (and ``.md`` tables beside it) from run folders and ``eval --out`` files:
+    rates with intervals, paired differences to ``baseline``, figures, recipes and the prompts whose verdict
+    changed. A run given as ``"NAME=PATH"`` is shown as NAME. Returns ``{"html": path, "markdown": path}``."""
+    from .reporting import build_report
+
+    return build_report(runs, out, baseline=baseline, names=names, title=title)

@@ -17,12 +17,14 @@ from .organism_cmd import OrganismCommand
 from .probe_cmd import ProbeCommand
 from .quantize_cmd import QuantizeCommand
 from .realign_cmd import RealignCommand
+from .report_cmd import ReportCommand
 from .run_cmd import RunCommand
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 COMMANDS: list[Command] = [EvalCommand(), JudgeCommand(), CompareCommand(), LsCommand(), OrganismCommand(), QuantizeCommand(),
-                           RealignCommand(), AAQCommand(), RunCommand(), ProbeCommand()]
+                           RealignCommand(), AAQCommand(), RunCommand(), ProbeCommand(),
+                           ReportCommand()]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,212 @@
+"""Assemble the report: the summary table, paired differences to a baseline, figures, recipes and the prompts
+whose verdict changed; rendered by jinja2 templates into one HTML file and a Markdown file beside it."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+from ..errors import ConfigError
+from . import figures
+from .collect import RunEntry, load_entry, suite_kind
+
+__all__ = ["build_report", "collect_runs", "report_context"]
+
+_KIND_ORDER = {"harmful": 0, "benign": 1, "task": 2, "ppl": 3}
+_KIND_TITLE = {"harmful": "harmful rate ↓", "benign": "over-refusal ↓", "task": "accuracy ↑", "ppl": "perplexity ↓"}
+_BAR_TITLE = {"harmful": "Harmful rate per suite (lower is safer)",
+              "benign": "Over-refusal per benign suite (lower is more helpful)",
+              "task": "Task accuracy per suite (higher is better)"}
+MAX_CHANGED = 150  # prompts shown per suite in the sample browser
+
+
+def collect_runs(runs: list[str | Path], names: list[str] | None = None) -> list[RunEntry]:
+    if not runs:
+        raise ConfigError("report: give at least one run folder or eval file")
+    entries = [load_entry(r, (names or [None] * len(runs))[i]) for i, r in enumerate(runs)]
+    seen: set[str] = set()
+    for e in entries:
+        if e.name in seen:
+            raise ConfigError(f"report: two runs are named {e.name!r}; name them with NAME=PATH")
+        seen.add(e.name)
+    return entries
+
+
+def _metric_key(kind: str) -> str:
+    return {"harmful": "harmful_rate", "benign": "refusal_rate", "task": "accuracy", "ppl": "perplexity"}[kind]
+
+
+def _suites(entries: list[RunEntry]) -> list[tuple[str, str]]:
+    found: dict[str, str] = {}
+    for e in entries:
+        for s, r in e.results.items():
+            found.setdefault(s, suite_kind(s, r))
+    return sorted(found.items(), key=lambda kv: (_KIND_ORDER[kv[1]], kv[0].startswith("lm-eval:"), kv[0]))
+
+
+def _cell(res: dict | None, kind: str) -> dict | None:
+    if not res:
+        return None
+    key = _metric_key(kind)
+    if key not in res:
+        return None
+    v = res[key]
+    lo, hi = res.get("ci95") or (None, None)
+    fmt = "{:.2f}" if kind == "ppl" else "{:.3f}"
+    return {"value": v, "text": fmt.format(v), "ci": (f"[{fmt.format(lo)}, {fmt.format(hi)}]" if lo is not None else ""),
+            "n": res.get("n") or res.get("windows"), "lo": lo, "hi": hi}
+
+
+def _paired(entries: list[RunEntry], base: RunEntry | None) -> list[dict]:
+    from ..eval.samples import compare_runs
+
+    if base is None or base.samples_ref is None:
+        return []
+    rows = []
+    for e in entries:
+        if e is base:
+            continue
+        if e.samples_ref is None:
+            rows.append({"run": e.name, "note": "no per-prompt samples: not paired"})
+            continue
+        try:
+            res = compare_runs(base.samples_ref, e.samples_ref)
+        except ConfigError as err:
+            rows.append({"run": e.name, "note": str(err)})
+            continue
+        for s, r in res.items():
+            lo, hi = r["ci95"]
+            rows.append({"run": e.name, "note": None, "suite": s, "metric": r["metric"], "a": r["a"], "b": r["b"], "diff": r["diff"],
+                         "lo": lo, "hi": hi, "n": r["n"], "only_a": r["only_a"], "only_b": r["only_b"],
+                         "p": r["mcnemar_p"],
+                         "verdict": "lower" if hi < 0 else "higher" if lo > 0 else "no difference"})
+    return rows
+
+
+def _changed(entries: list[RunEntry], suites: list[tuple[str, str]]) -> list[dict]:
+    """Per harmful / benign suite, the prompts on which the runs that judged them do not all agree."""
+    out = []
+    for s, kind in suites:
+        if kind not in ("harmful", "benign"):
+            continue
+        have = [e for e in entries if s in e.samples]
+        if len(have) < 2:
+            continue
+        common = [p for p in have[0].samples[s] if all(p in e.samples[s] for e in have[1:])]
+        changed = [p for p in common if len({e.samples[s][p][0] for e in have}) > 1]
+        items = [{"prompt": p, "verdicts": [{"run": e.name, "refused": e.samples[s][p][0],
+                                             "response": e.samples[s][p][1]} for e in have]}
+                 for p in changed[:MAX_CHANGED]]
+        out.append({"suite": s, "kind": kind, "runs": [e.name for e in have], "n_common": len(common),
+                    "n_changed": len(changed), "prompts": items})
+    return out
+
+
+def _figures(entries: list[RunEntry], suites: list[tuple[str, str]], colours: dict) -> list[dict]:
+    figs = []
+    harmful = [s for s, k in suites if k == "harmful"]
+    ppl = [s for s, k in suites if k == "ppl"]
+    task = [s for s, k in suites if k == "task"]
+    if harmful and (ppl or task):
+        ys, xs = harmful[0], (ppl or task)[0]
+        xkind = "ppl" if ppl else "task"
+        pts = []
+        for e in entries:
+            y, x = e.results.get(ys), e.results.get(xs)
+            if y and x and "harmful_rate" in y and _metric_key(xkind) in x:
+                pts.append({"name": e.name, "x": x[_metric_key(xkind)], "y": y["harmful_rate"],
+                            "xerr": figures._err(x, _metric_key(xkind)), "yerr": figures._err(y, "harmful_rate"),
+                            "colour": colours[e.name]})
+        if pts:
+            figs.append({"id": "fig-scatter", "title": f"Harmful rate on {ys} against {xs}",
+                         "svg": figures.scatter_safety(pts, f"{xs} {_KIND_TITLE[xkind]}", f"{ys} harmful rate ↓")})
+    for kind in ("harmful", "benign", "task"):
+        ss = [s for s, k in suites if k == kind]
+        vals = {}
+        for s in ss:
+            for e in entries:
+                r = e.results.get(s)
+                if r and _metric_key(kind) in r:
+                    lo, hi = figures._err(r, _metric_key(kind))
+                    vals[(s, e.name)] = (r[_metric_key(kind)], lo, hi)
+        if vals:
+            runs = [e.name for e in entries if any((s, e.name) in vals for s in ss)]
+            figs.append({"id": f"fig-{kind}", "title": _BAR_TITLE[kind],
+                         "svg": figures.suite_bars(ss, runs, vals, _KIND_TITLE[kind], colours, salt=f"bars-{kind}")})
+    seps = {e.name: e.separability for e in entries if e.separability}
+    if seps:
+        figs.append({"id": "fig-separability", "title": "Per-layer separability of malicious and benign prompts "
+                                                        "(probe accuracy, before and after quantization)",
+                     "svg": figures.separability_curves(seps, colours)})
+    losses = {e.name: e.losses for e in entries if e.losses}
+    if losses:
+        figs.append({"id": "fig-loss", "title": "Training loss", "svg": figures.loss_curves(losses, colours)})
+    return figs
+
+
+def report_context(entries: list[RunEntry], baseline: str | None = None) -> dict:
+    """Everything the templates show, as plain data (tested without rendering)."""
+    from .. import __version__
+
+    names = [e.name for e in entries]
+    if baseline is not None and baseline not in names:
+        raise ConfigError(f"report: --baseline {baseline!r} is not one of the runs ({', '.join(names)})")
+    base = next((e for e in entries if e.name == baseline), None) if baseline else None
+    colours = {e.name: figures.PALETTE[i % len(figures.PALETTE)] for i, e in enumerate(entries)}
+    suites = _suites(entries)
+    rows = [{"name": e.name, "colour": colours[e.name], "method": e.method, "scheme": e.scheme, "model": e.model,
+             "path": str(e.path), "cells": [_cell(e.results.get(s), k) for s, k in suites],
+             "bits": e.bits_per_weight, "size_mb": e.size_mb, "time_s": e.quantize_time_s, "rss_mb": e.peak_rss_mb}
+            for e in entries]
+    # the headline cards: the first suite of each kind (harmful, benign, task, perplexity)
+    headline = []
+    for kind, label in (("harmful", "harmful"), ("benign", "over-refusal"), ("task", "accuracy"), ("ppl", "ppl")):
+        i = next((i for i, (_, k) in enumerate(suites) if k == kind), None)
+        if i is not None:
+            headline.append({"index": i, "label": f"{label} · {suites[i][0]}"})
+    return {"version": __version__, "headline": headline, "created": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "suites": [{"name": s, "kind": k, "title": _KIND_TITLE[k]} for s, k in suites], "rows": rows,
+            "baseline": base.name if base else None, "paired": _paired(entries, base),
+            "figures": _figures(entries, suites, colours), "changed": _changed(entries, suites),
+            "recipes": [{"name": e.name, "text": e.recipe_text} for e in entries if e.recipe_text],
+            "eval_configs": [{"name": e.name, "config": e.eval_config} for e in entries if e.eval_config]}
+
+
+def _env():
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("safeptq.reporting", "templates"),
+                             autoescape=jinja2.select_autoescape(["html", "j2"]), trim_blocks=True,
+                             lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    env.filters["num"] = lambda v, fmt="{:.3f}": "—" if v is None else fmt.format(v)
+    return env
+
+
+def build_report(runs: list[str | Path], out: str | Path = "report.html", *, baseline: str | None = None,
+                 names: list[str] | None = None, title: str = "safeptq report") -> dict[str, Path]:
+    """Write ``out`` (self-contained HTML) and ``out`` with ``.md`` (the tables); returns both paths."""
+    import jinja2
+
+    from ..runs import _check_parent_writable
+
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise ConfigError(f"report: --out {out} is a folder; give a file such as {out / 'report.html'}")
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise ConfigError(f"report: --out {out} should end in .html")
+    _check_parent_writable(out)
+    entries = collect_runs(runs, names)
+    ctx = {**report_context(entries, baseline), "title": title}
+    env = _env()
+    md_env = jinja2.Environment(loader=env.loader, autoescape=False, trim_blocks=True, lstrip_blocks=True,
+                                undefined=jinja2.StrictUndefined)
+    md_env.filters.update(env.filters)
+    html = env.get_template("report.html.j2").render(**ctx)
+    md = md_env.get_template("report.md.j2").render(**ctx)
+    md_path = out.with_suffix(".md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out, html), (md_path, md)):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    return {"html": out, "markdown": md_path}
