@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.2.0"
 
 _API = ("load_model", "quantize", "realign", "aaq", "run", "evaluate", "judge", "probe", "build_organism", "compare",
-        "report")
+        "report", "demo")
 _OTHER = {"QuantizedModel": "safeptq.result", "RunOptions": "safeptq.methods",
           "QuantizeRecipe": "safeptq.recipes", "RealignRecipe": "safeptq.recipes", "AAQRecipe": "safeptq.recipes",
           "load_recipe": "safeptq.recipes", "METHODS": "safeptq.methods"}
@@ -26,7 +26,7 @@ __all__ = ["__version__", *_API, *_OTHER]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import (aaq, build_organism, compare, evaluate, judge, load_model, probe, quantize,  # noqa: F401
-                      realign, report, run)
+                      realign, report, run, demo)
     from .methods import METHODS, RunOptions  # noqa: F401
     from .recipes import AAQRecipe, QuantizeRecipe, RealignRecipe, load_recipe  # noqa: F401
     from .result import QuantizedModel  # noqa: F401

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["load_model", "quantize", "realign", "aaq", "run", "evaluate", "judge", "probe", "build_organism",
-           "compare", "report"]
+           "compare", "report", "demo"]
 
 
 def _split_options(kw: dict[str, Any]):
@@ -180,3 +180,12 @@ def report(runs: list[str | Path], out: str | Path = "report.html", *, baseline:
     from .reporting import build_report
 
     return build_report(runs, out, baseline=baseline, names=names, title=title)
+
+
+def demo(out: str | Path = "runs/demo", *, organism: str | Path | None = None, limit: int = 50, **opts: Any) -> dict:
+    """The main job end to end: organism (built or reused), RTN W8A8 and Q-realign W8A8 of its attacked model,
+    AAQ of its aligned model, all evaluated alike, and the report. Resumes where it stopped. ``opts``: fields of
+    :class:`~safeptq.demo.DemoOptions`. Returns ``{"report", "markdown", "rows"}``."""
+    from .demo import DemoOptions, run_demo
+
+    return run_demo(DemoOptions(out=out, organism=organism, limit=limit, **opts))

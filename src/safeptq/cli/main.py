@@ -10,6 +10,7 @@ from .. import __version__
 from .aaq_cmd import AAQCommand
 from .base import Command
 from .compare_cmd import CompareCommand
+from .demo_cmd import DemoCommand
 from .eval_cmd import EvalCommand
 from .judge_cmd import JudgeCommand
 from .ls_cmd import LsCommand
@@ -24,7 +25,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 COMMANDS: list[Command] = [EvalCommand(), JudgeCommand(), CompareCommand(), LsCommand(), OrganismCommand(), QuantizeCommand(),
                            RealignCommand(), AAQCommand(), RunCommand(), ProbeCommand(),
-                           ReportCommand()]
+                           ReportCommand(), DemoCommand()]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,206 @@
+"""``safeptq demo``: the main job end to end on the embedded default model. Build (or reuse) the model organism,
+quantize its attacked model with RTN W8A8 and with Q-realign W8A8, quantize its aligned model with AAQ, evaluate all
+five alike and write the report. Each stage is skipped when its output is complete, so a stopped demo resumes."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import ConfigError
+
+__all__ = ["DemoOptions", "Stage", "plan_demo", "run_demo", "demo_runs", "headline", "DEMO_SUITES",
+           "DEMO_MARKER"]
+
+DEMO_SUITES = ("advbench:eval", "harmbench", "alpaca:eval", "xstest:safe", "sst2", "wikitext2")
+DEMO_MARKER = ".safeptq-demo.json"
+
+# Wall-time model of the 2-core CPU machine of BENCHMARKS.md (seconds; "Demo" section): used for the estimates only.
+COST = {"organism": 1551.0, "rtn": 60.0, "realign": 700.0, "aaq": 820.0,
+        "eval_fixed": 25.0, "per_prompt": 0.9, "per_class": 0.15, "per_window": 4.0}
+
+
+@dataclass
+class DemoOptions:
+    out: str | Path = "runs/demo"
+    organism: str | Path | None = None  # a folder with aligned/ and attacked/ to use, or where to build them
+    limit: int = 50  # prompts (and SST-2 sentences) per suite
+    ppl_windows: int = 20  # WikiText-2 windows of 2048 tokens
+    aaq_scheme: str = "w4a8"
+    base: str = "default"  # the organism's unaligned base model: AAQ pushes away from it
+    data_dir: str | None = None
+    progress: bool = True
+    realign_overrides: dict = field(default_factory=dict)  # recipe fields, e.g. {"epochs": 1}, for a shorter run
+    aaq_overrides: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        from .quant.args import resolve_scheme
+
+        if self.limit <= 0 or self.ppl_windows <= 0:
+            raise ConfigError(f"--limit and --ppl-windows must be positive, got {self.limit} and {self.ppl_windows}")
+        resolve_scheme(self.aaq_scheme)  # an unknown scheme: one line, now
+
+
+@dataclass
+class Stage:
+    name: str
+    title: str
+    estimate_s: float
+    output: Path | None
+    done: Callable[[], bool]
+    run: Callable[[], None]
+    cached_note: str = field(default="done")
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _fmt(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+
+
+def _organism(opts: DemoOptions) -> tuple[dict[str, Path], bool, Callable[[], dict[str, Path]]]:
+    """The organism's two folders, whether they exist already, and how to build them."""
+    from .finetune.organism import OrganismRecipe, recipe_hash, stage_recipes
+    from .paths import safeptq_home
+
+    root = Path(opts.organism).expanduser() if opts.organism else safeptq_home() / "organism"
+    given = {k: root / k for k in ("aligned", "attacked")}
+    if opts.organism and all((p / "config.json").is_file() for p in given.values()):
+        return given, True, lambda: given  # the user's own organism, used as it is
+    rec_a, rec_b = stage_recipes(OrganismRecipe(), "default:SmolLM2-135M-Instruct")
+    paths = {"aligned": root / f"aligned-{recipe_hash(rec_a)}", "attacked": root / f"attacked-{recipe_hash(rec_b)}"}
+    cached = all((p / "manifest.json").is_file() for p in paths.values())
+
+    def build() -> dict[str, Path]:
+        from .api import build_organism
+
+        return build_organism(root, data_dir=opts.data_dir, progress=opts.progress)
+
+    return paths, cached, build
+
+
+def plan_demo(opts: DemoOptions) -> list[Stage]:
+    """The demo's stages, with their outputs and estimated times; nothing is run."""
+    from . import api
+
+    opts.check()
+    out = Path(opts.out).expanduser()
+    org, org_cached, build = _organism(opts)
+    n_gen = 4 * opts.limit  # advbench:eval, harmbench, alpaca:eval, xstest:safe
+    eval_s = COST["eval_fixed"] + COST["per_prompt"] * n_gen + COST["per_class"] * opts.limit \
+        + COST["per_window"] * opts.ppl_windows
+    ev = {"suites": list(DEMO_SUITES), "limit": opts.limit, "ppl_windows": opts.ppl_windows}
+    common = {"data_dir": opts.data_dir, "progress": opts.progress}
+
+    def fp_eval(which: str) -> Callable[[], None]:
+        return lambda: api.evaluate(str(org[which]), list(DEMO_SUITES), limit=opts.limit,
+                                    ppl_windows=opts.ppl_windows, out=out / f"{which}.json", **common)
+
+    def record(folder: str, name: str) -> Callable[[], bool]:
+        return lambda: (out / folder / name).is_file()
+
+    aaq_dir = f"aaq-{opts.aaq_scheme}"
+    return [
+        Stage("organism", "build the model organism (aligned, then attacked)", COST["organism"], None,
+              lambda: org_cached, lambda: org.update(build()), cached_note="cached"),
+        Stage("attacked", "evaluate the attacked model (full precision)", eval_s, out / "attacked.json",
+              lambda: (out / "attacked.json").is_file(), fp_eval("attacked")),
+        Stage("rtn-w8a8", "RTN W8A8 of the attacked model, evaluated", COST["rtn"] + eval_s, out / "rtn-w8a8",
+              record("rtn-w8a8", "quantize.json"),
+              lambda: api.quantize(str(org["attacked"]), method="rtn", scheme="w8a8", eval=ev, out=out / "rtn-w8a8",
+                                   **common)),
+        Stage("realign-w8a8", "Q-realign W8A8 of the attacked model, evaluated", COST["realign"] + eval_s,
+              out / "realign-w8a8", record("realign-w8a8", "realign.json"),
+              lambda: api.realign(str(org["attacked"]), probe_model=str(org["aligned"]), scheme="w8a8", eval=ev,
+                                  out=out / "realign-w8a8", resume=True, **common, **opts.realign_overrides)),
+        Stage("aligned", "evaluate the aligned model (full precision)", eval_s, out / "aligned.json",
+              lambda: (out / "aligned.json").is_file(), fp_eval("aligned")),
+        Stage(aaq_dir, f"AAQ {opts.aaq_scheme.upper()} of the aligned model (pushed from its base), evaluated",
+              COST["aaq"] + eval_s, out / aaq_dir, record(aaq_dir, "aaq.json"),
+              lambda: api.aaq(str(org["aligned"]), base=opts.base, scheme=opts.aaq_scheme, eval=ev,
+                              out=out / aaq_dir, resume=True, **common, **opts.aaq_overrides)),
+        Stage("report", "write the report", 10.0, out / "report.html", lambda: False,
+              lambda: _report(out, aaq_dir, opts.aaq_scheme)),
+    ]
+
+
+def demo_runs(out: Path, aaq_scheme: str) -> list[str]:
+    """The report's runs, ``NAME=PATH``, in the order shown."""
+    return [f"attacked={out / 'attacked.json'}", f"RTN W8A8={out / 'rtn-w8a8'}",
+            f"Q-realign W8A8={out / 'realign-w8a8'}", f"aligned={out / 'aligned.json'}",
+            f"AAQ {aaq_scheme.upper()}={out / f'aaq-{aaq_scheme}'}"]
+
+
+def _report(out: Path, aaq_dir: str, scheme: str) -> None:
+    from .reporting import build_report
+
+    build_report(demo_runs(out, scheme), out / "report.html", baseline="RTN W8A8",
+                 title="safeptq demo: restoring (Q-realign) and keeping (AAQ) safety through quantization")
+
+
+def _claim(out: Path) -> None:
+    """The demo writes only into a folder it created (its marker) or an empty / new one."""
+    from .runs import write_json_atomic
+    from . import __version__
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"demo output {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARKER).is_file():
+        raise ConfigError(f"refusing to use {out}: it exists and was not created by safeptq demo; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / DEMO_MARKER).is_file():
+        write_json_atomic(out / DEMO_MARKER, {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "version": __version__})
+
+
+def run_demo(opts: DemoOptions | None = None, say: Callable[[str], None] = _say) -> dict:
+    """Run (or resume) the demo; returns ``{"report", "markdown": paths, "stages": {name: cached | done | ran},
+    "rows": headline numbers per run}``."""
+    from .runs import FolderLock
+
+    opts = opts or DemoOptions()
+    stages = plan_demo(opts)
+    out = Path(opts.out).expanduser()
+    with FolderLock(out):
+        _claim(out)
+        todo = [s for s in stages if not s.done()]
+        states = {s.name: ("to do" if s in todo else s.cached_note) for s in stages}
+        say(f"safeptq demo -> {out}")
+        for i, s in enumerate(stages, 1):
+            state = states[s.name]
+            say(f"  {i}. {s.title:<72} {state:>6}  ~{_fmt(s.estimate_s) if s in todo else '-'}")
+        left = sum(s.estimate_s for s in todo)
+        say(f"  estimated: {_fmt(left)} on 2 CPU cores (the machine of BENCHMARKS.md)")
+        t_all = time.time()
+        for i, s in enumerate(stages, 1):
+            if s not in todo:
+                continue
+            say(f"[{i}/{len(stages)}] {s.title} (~{_fmt(s.estimate_s)}) ...")
+            t0 = time.time()
+            s.run()
+            states[s.name] = "ran"
+            left -= s.estimate_s
+            say(f"[{i}/{len(stages)}] done in {_fmt(time.time() - t0)}"
+                + (f"; ~{_fmt(left)} left" if left > 1 else ""))
+        say(f"demo finished in {_fmt(time.time() - t_all)}")
+    return {"report": out / "report.html", "markdown": out / "report.md", "stages": states,
+            "rows": headline(out, opts.aaq_scheme)}
+
+
+def headline(out: Path, aaq_scheme: str) -> list[dict]:
+    """The demo's headline numbers per run: each suite's headline metric (harmful rate, over-refusal, accuracy,
+    perplexity) with its interval."""
+    from .reporting.build import collect_runs
+    from .reporting.collect import suite_kind
+
+    key = {"harmful": "harmful_rate", "benign": "refusal_rate", "task": "accuracy", "ppl": "perplexity"}
+    rows = []
+    for e in collect_runs(demo_runs(out, aaq_scheme)):
+        cells = {s: (r[key[suite_kind(s, r)]], r.get("ci95")) for s, r in e.results.items() if s in DEMO_SUITES}
+        rows.append({"run": e.name, **cells})
+    return rows
