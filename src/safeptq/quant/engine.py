@@ -177,23 +177,19 @@ def stream_buffer(shape: tuple[int, ...], spill_dir: Path | None = None, name: s
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int, device,
-                         out: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                         out: torch.Tensor | None = None) -> torch.Tensor:
     """Hidden states entering block 0 for every row of ``input_ids`` ([N, T, H] float32, CPU; written
-    into ``out`` when given) and the keyword arguments of a batch-1 call (they broadcast over any
-    batch size)."""
+    into ``out`` when given). The blocks' keyword arguments come from :func:`capture_layer_kwargs`."""
     layers = check_architecture(model)
     states: list[torch.Tensor] = []
-    kwargs: dict = {}
-    pos = {"row": -1}  # -1: the batch-1 call that records the kwargs
+    pos = {"row": 0}
 
     def hook(module, args, kw):
         h = args[0] if args else kw["hidden_states"]
-        if pos["row"] < 0 or out is None:
+        if out is None:
             states.append(h.detach().to("cpu", torch.float32))
         else:
             out[pos["row"]:pos["row"] + h.shape[0]] = h.detach().to("cpu", torch.float32)
-        if not kwargs:
-            kwargs.update({k: v for k, v in kw.items() if k not in ("hidden_states", "past_key_values", "past_key_value")})
         raise _Captured
 
     inner = model.model
@@ -202,16 +198,15 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
         m.to(device)
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for rows in [input_ids[:1]] + list(input_ids.split(batch_size)):
+        for rows in input_ids.split(batch_size):
             try:
                 model(input_ids=rows.to(device), use_cache=False)
             except _Captured:
                 pass
-            pos["row"] += 1 if pos["row"] < 0 else len(rows)
+            pos["row"] += len(rows)
     finally:
         handle.remove()
-    kwargs["use_cache"] = False
-    return (torch.cat(states[1:]) if out is None else out), kwargs
+    return torch.cat(states) if out is None else out
 
 
 class _KwargsRecorder(nn.Module):
@@ -459,8 +454,8 @@ def calibrate_blockwise(model: nn.Module, calib: CalibSet, objective: BlockObjec
         qparams = _restore(layers, work, start, cfg.scheme)
         log.info("resuming at block %d of %d", start, n_blocks)
     else:
-        fp_inps, kwargs = capture_block_inputs(model, calib.input_ids, cfg.batch_size, device,
-                                               out=stream_buffer(shape, spill, "fp"))
+        fp_inps = capture_block_inputs(model, calib.input_ids, cfg.batch_size, device,
+                                       out=stream_buffer(shape, spill, "fp"))
         q_inps = stream_buffer(shape, spill, "q")
         q_inps.copy_(fp_inps)
     # the block kwargs (rotary tables, mask; per layer: attention types differ) are cheap to recompute and

@@ -12,7 +12,7 @@ from safeptq.errors import CalibrationError, ConfigError
 from safeptq.objectives import MSE, BlockBatch
 from safeptq.quant.args import resolve_scheme
 from safeptq.quant.deploy import detach_act_quant, has_act_quant, rtn_quantize, rtn_quantize_layer
-from safeptq.quant.engine import BlockwiseConfig, calibrate_blockwise, capture_block_inputs
+from safeptq.quant.engine import BlockwiseConfig, calibrate_blockwise, capture_block_inputs, capture_layer_kwargs
 from safeptq.quant.qlinear import LLAMA_LINEARS
 
 
@@ -218,7 +218,8 @@ def test_right_padding_does_not_change_the_loss_of_real_tokens():
         return out[0] if isinstance(out, tuple) else out
 
     def losses(x, mask):
-        h, kw = capture_block_inputs(model, x, 1, torch.device("cpu"))
+        h = capture_block_inputs(model, x, 1, torch.device("cpu"))
+        kw = capture_layer_kwargs(model, x, torch.device("cpu"))[0]
         with torch.no_grad():
             fp, out = block_out(layer, h, kw), block_out(qlayer, h, kw)
         batch = BlockBatch(0, out, fp, mask, torch.zeros(1, dtype=torch.long), mask.sum(1) - 1)
