@@ -173,13 +173,15 @@ def compare(run_a: str | Path, run_b: str | Path, suites: list[str] | None = Non
 
 
 def report(runs: list[str | Path], out: str | Path = "report.html", *, baseline: str | None = None,
-           names: list[str] | None = None, title: str = "safeptq report") -> dict[str, Path]:
+           attacked: str | None = None, aligned: str | None = None, names: list[str] | None = None,
+           title: str = "safeptq report") -> dict[str, Path]:
     """One self-contained HTML page (and ``.md`` tables beside it) from run folders and ``eval --out`` files:
-    rates with intervals, paired differences to ``baseline``, figures, recipes and the prompts whose verdict
-    changed. A run given as ``"NAME=PATH"`` is shown as NAME. Returns ``{"html": path, "markdown": path}``."""
+    rates with intervals, paired differences to ``baseline``, the share of the ``attacked``−``aligned`` gap each
+    other run closes per harmful suite, figures, recipes and the prompts whose verdict changed. A run given as
+    ``"NAME=PATH"`` is shown as NAME. Returns ``{"html": path, "markdown": path}``."""
     from .reporting import build_report
 
-    return build_report(runs, out, baseline=baseline, names=names, title=title)
+    return build_report(runs, out, baseline=baseline, attacked=attacked, aligned=aligned, names=names, title=title)
 
 
 def demo(out: str | Path = "runs/demo", *, organism: str | Path | None = None, limit: int = 50, **opts: Any) -> dict:

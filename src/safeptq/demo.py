@@ -140,7 +140,8 @@ def demo_runs(out: Path, aaq_scheme: str) -> list[str]:
 def _report(out: Path, aaq_dir: str, scheme: str) -> None:
     from .reporting import build_report
 
-    build_report(demo_runs(out, scheme), out / "report.html", baseline="RTN W8A8",
+    build_report(demo_runs(out, scheme), out / "report.html", baseline="RTN W8A8", attacked="attacked",
+                 aligned="aligned",
                  title="safeptq demo: restoring (Q-realign) and keeping (AAQ) safety through quantization")
 
 

@@ -97,3 +97,28 @@ def test_validation_splits_are_disjoint_from_every_reported_split(shared_data):
     assert len(val) == 100
     for split in ("alpaca:align", "alpaca:calib", "alpaca:eval", "advbench:eval", "xstest"):
         assert not val & texts(split), split
+
+
+def test_donotanswer_splits_are_disjoint_thirds_and_copy_independent(shared_data, tmp_path):
+    """calib / val / eval split Do-Not-Answer by a hash of the text, so a copy in another row order (the hub's one
+    table) splits the same way."""
+    import json
+
+    parts = {p: set(load_prompt_set(f"donotanswer:{p}", data_dir=shared_data).texts) for p in ("calib", "val", "eval")}
+    assert [len(parts[p]) for p in ("calib", "val", "eval")] == [329, 296, 313]  # 938 distinct prompts of 939
+    assert not parts["calib"] & parts["val"] and not parts["calib"] & parts["eval"] and not parts["val"] & parts["eval"]
+    rows = [json.loads(line) for f in sorted((shared_data / "donotanswer").glob("*.jsonl")) for line in open(f)]
+    (tmp_path / "donotanswer").mkdir()
+    with open(tmp_path / "donotanswer" / "all.jsonl", "w") as f:
+        for r in reversed(rows):
+            f.write(json.dumps(r) + "\n")
+    assert set(load_prompt_set("donotanswer:eval", data_dir=tmp_path).texts) == parts["eval"]
+
+
+def test_harmbench_contextual_puts_the_context_before_the_request(shared_data):
+    ps = load_prompt_set("harmbench:contextual", data_dir=shared_data)
+    assert len(ps) == 81 and ps.kind == "harmful"
+    e = ps.examples[0]
+    context, request = e.text.split("\n\n---\n\n")
+    assert request == e.meta["behavior"] and len(context) > 100
+    assert not set(ps.texts) & set(load_prompt_set("harmbench", data_dir=shared_data).texts)

@@ -213,3 +213,29 @@ def test_classifier_verdict_follows_the_answer_word(tiny_model_no_template, fmt,
         finally:
             h.remove()
     assert harmful_word.startswith(lm.tokenizer.decode([judge._yes]).strip())  # the harmful answer's first token
+
+
+def test_gap_closed_share_and_interval():
+    from safeptq.eval.recovery import gap_closed
+
+    attacked = [1] * 80 + [0] * 20  # 0.8 harmful
+    aligned = [0] * 90 + [1] * 10  # 0.1
+    run = [1] * 24 + [0] * 76  # 0.24: closes (0.8 - 0.24) / 0.7 = 80 % of the gap
+    r = gap_closed(attacked, aligned, run)
+    assert r["closed"] == pytest.approx(0.8) and r["gap"] == pytest.approx(0.7) and r["n"] == 100
+    lo, hi = r["ci95"]
+    assert lo < 0.8 < hi and hi - lo < 0.4
+    assert gap_closed(attacked, aligned, attacked)["closed"] == 0 and gap_closed(attacked, aligned, aligned)["closed"] == 1
+    flat = gap_closed([1, 0] * 20, [0, 1] * 20, [1] * 40)  # no gap: the share is not defined
+    assert flat["closed"] is None and "no established" in flat["note"]
+    with pytest.raises(ValueError):
+        gap_closed([1], [1, 0], [0])
+
+
+def test_safety_group_expands_to_every_source():
+    from safeptq.eval import parse_suites
+
+    got = parse_suites("safety,advbench:eval,sst2")
+    assert got == ["advbench:eval", "harmbench", "harmbench:contextual", "donotanswer:eval", "xstest:unsafe",
+                   "alpaca:eval", "xstest:safe", "sst2"]
+    assert parse_suites("safety:benign") == ["alpaca:eval", "xstest:safe"]

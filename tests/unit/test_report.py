@@ -147,3 +147,16 @@ def test_report_renders_in_headless_chromium(runs, tmp_path):
     subprocess.run([*cmd, "--window-size=1100,1400", f"--screenshot={shot}", out.as_uri()], capture_output=True,
                    timeout=120)
     assert shot.is_file() and shot.stat().st_size > 20_000  # a page with content, not a blank one
+
+
+def test_recovery_table_pairs_the_three_runs_prompt_by_prompt():
+    # refused flags: attacked answers 8 of 10, aligned 1 of 10, the run 3 of 10 -> closes (0.8 - 0.3) / 0.7
+    att = _entry("attacked", [False] * 8 + [True] * 2)
+    ali = _entry("aligned", [True] * 9 + [False])
+    run = _entry("run", [False] * 3 + [True] * 7)
+    ctx = report_context([att, run, ali], attacked="attacked", aligned="aligned")
+    (r,) = ctx["recovery"]
+    assert (r["run"], r["suite"], r["n"]) == ("run", "advbench:eval", 10)
+    assert r["closed"] == pytest.approx(5 / 7, abs=1e-3) and r["rate"] == pytest.approx(0.3)
+    with pytest.raises(Exception, match="--attacked and --aligned go together"):
+        report_context([att, run, ali], attacked="attacked")

@@ -44,5 +44,8 @@ class LsCommand(Command):
         if show("suites"):
             rows = [[s.name, s.kind, f"{s.rows[0]}-{s.rows[1] - 1}" if s.rows else "all", s.description]
                     for s in list_prompt_sets()]
+            from ..eval.suite import SUITE_GROUPS
+
+            rows += [[g, "group", "-", "= " + ",".join(members)] for g, members in SUITE_GROUPS.items()]
             print_table(rows, ["name", "kind", "rows", "description"])
         return 0

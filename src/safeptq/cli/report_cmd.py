@@ -27,12 +27,17 @@ class ReportCommand(Command):
         p.add_argument("runs", metavar="RUN", nargs="+",
                        help="run folder or eval --out JSON; NAME=PATH shows it as NAME (default: the folder or file name)")
         p.add_argument("--baseline", default=None, help="the run (by name) every other run is paired against")
+        p.add_argument("--attacked", default=None,
+                       help="with --aligned: the attacked model's run; every other run gets the share of the "
+                            "attacked-aligned harmful-rate gap it closes, per harmful suite")
+        p.add_argument("--aligned", default=None, help="the aligned (safe) model's run, see --attacked")
         p.add_argument("--title", default="safeptq report", help="page title")
         p.add_argument("--out", default="report.html", help="HTML file to write (report.md goes beside it)")
 
     def run(self, args: argparse.Namespace) -> int:
         from ..api import report
 
-        paths = report(args.runs, args.out, baseline=args.baseline, title=args.title)
+        paths = report(args.runs, args.out, baseline=args.baseline, attacked=args.attacked, aligned=args.aligned,
+                       title=args.title)
         print(f"report written to {paths['html']} (tables: {paths['markdown']})")
         return 0

@@ -88,6 +88,36 @@ def _harmbench(rows, path):
             for r in rows if r[f] == "standard"]
 
 
+def _harmbench_contextual(rows, path):
+    """HarmBench's contextual behaviours as its direct-request test cases put them: the context, a rule, the
+    request (``f"{context}\\n\\n---\\n\\n{behavior}"``)."""
+    c = pick_column(rows, path, "Behavior")
+    f = pick_column(rows, path, "FunctionalCategory")
+    ctx = pick_column(rows, path, "ContextString")
+    return [Example(text=f"{r[ctx].strip()}\n\n---\n\n{r[c].strip()}",
+                    meta={"id": r.get("BehaviorID"), "category": r.get("SemanticCategory"), "behavior": r[c].strip()})
+            for r in rows if r[f] == "contextual"]
+
+
+DNA_SPLITS = {"calib": 0, "val": 1, "eval": 2}
+
+
+def _donotanswer(part: str | None):
+    """Do-Not-Answer split three ways by a hash of the prompt text (the same split whichever copy is read: the
+    local per-risk-area files or the hub's single table); duplicates fall in one split."""
+    import hashlib
+
+    def parse(rows, path):
+        c = pick_column(rows, path, "prompt")
+        out = []
+        for r in rows:
+            text = str(r[c]).strip()
+            if part is None or int(hashlib.sha256(text.encode()).hexdigest(), 16) % 3 == DNA_SPLITS[part]:
+                out.append(Example(text=text))
+        return out
+    return parse
+
+
 def _xstest(part: str | None):
     def parse(rows, path):
         c = pick_column(rows, path, "prompt")
@@ -200,6 +230,9 @@ register(PromptSetSpec("harmbench", "harmful", "harmbench/harmbench_behaviors_te
                        None, "HarmBench test split, standard behaviours (159)",
                        HubSource("walledai/HarmBench", "standard", "train",
                                  lambda rs: [{"Behavior": r["prompt"], "FunctionalCategory": "standard"} for r in rs])))
+register(PromptSetSpec("harmbench:contextual", "harmful", "harmbench/harmbench_behaviors_text_test.csv",
+                       _harmbench_contextual, None,
+                       "HarmBench test split, contextual behaviours (81): context, then the request"))
 register(PromptSetSpec("harmbench:val", "harmful", "harmbench/harmbench_behaviors_text_val.csv", _harmbench,
                        None, "HarmBench's own validation split, its 41 standard behaviours of 80 (for choosing defaults; "
                        "never in a reported figure)"))
@@ -212,10 +245,14 @@ register(PromptSetSpec("xstest:safe", "benign", "xstest/xstest_prompts.csv", _xs
                        "XSTest safe prompts (refusing them is over-refusal)", _xs_hub))
 register(PromptSetSpec("xstest:unsafe", "harmful", "xstest/xstest_prompts.csv", _xstest("unsafe"), None,
                        "XSTest unsafe contrast prompts", _xs_hub))
-register(PromptSetSpec("donotanswer", "harmful", "donotanswer", _col("prompt"), None,
-                       "Do-Not-Answer, five risk areas (939)",
-                       HubSource("LibrAI/do-not-answer", None, "train",
-                                 lambda rs: [{"prompt": r["question"]} for r in rs])))
+_dna_hub = HubSource("LibrAI/do-not-answer", None, "train", lambda rs: [{"prompt": r["question"]} for r in rs])
+register(PromptSetSpec("donotanswer", "harmful", "donotanswer", _donotanswer(None), None,
+                       "Do-Not-Answer, five risk areas (939)", _dna_hub))
+for _part, _use in (("calib", "calibration"), ("val", "validation: choosing defaults only"),
+                    ("eval", "evaluation")):
+    register(PromptSetSpec(f"donotanswer:{_part}", "harmful", "donotanswer", _donotanswer(_part), None,
+                           f"Do-Not-Answer, the third of its prompts whose SHA-256 is {DNA_SPLITS[_part]} mod 3 "
+                           f"({_use})", _dna_hub))
 register(PromptSetSpec("beavertails", "harmful", "beavertails/beavertails_30k_train_unsafe_first200.jsonl",
                        _col("prompt", "response"), None,
                        "BeaverTails 30k_train unsafe pairs (harmful fine-tuning data only)",

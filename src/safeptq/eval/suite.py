@@ -21,7 +21,7 @@ from .metrics import bootstrap_ci, rate_with_ci
 from .perplexity import perplexity
 from .tasks import TASKS, gsm8k_correct, score_choice
 
-__all__ = ["EvalConfig", "evaluate", "parse_suites"]
+__all__ = ["EvalConfig", "evaluate", "parse_suites", "SUITE_GROUPS", "HARMFUL_SOURCES", "BENIGN_SUITES"]
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,25 @@ class EvalConfig:
     judge: Callable[..., list[bool]] = field(default_factory=KeywordJudge)
 
 
+# Safety measured across sources (issue 23): harmful prompts of four origins beside the benign over-refusal suites.
+HARMFUL_SOURCES = ("advbench:eval", "harmbench", "harmbench:contextual", "donotanswer:eval", "xstest:unsafe")
+BENIGN_SUITES = ("alpaca:eval", "xstest:safe")
+SUITE_GROUPS = {
+    "safety": HARMFUL_SOURCES + BENIGN_SUITES,
+    "safety:harmful": HARMFUL_SOURCES,
+    "safety:benign": BENIGN_SUITES,
+}
+
+
 def parse_suites(spec: str | list[str]) -> list[str]:
-    """Suite names: registered prompt sets, user files, and ``lm-eval:TASK`` (several tasks may follow one
-    prefix: ``lm-eval:arc_easy,piqa`` is ``lm-eval:arc_easy,lm-eval:piqa`` when the name is not a suite)."""
+    """Suite names: registered prompt sets, user files, groups (:data:`SUITE_GROUPS`: ``safety`` = every harmful
+    source and the benign over-refusal suites) and ``lm-eval:TASK`` (several tasks may follow one prefix:
+    ``lm-eval:arc_easy,piqa`` is ``lm-eval:arc_easy,lm-eval:piqa`` when the name is not a suite)."""
     from .lmeval import LM_EVAL_TASKS, PREFIX, is_lm_eval_suite, task_name
 
     raw = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    raw = [m for n in raw for m in SUITE_GROUPS.get(n, (n,))]  # groups expand in place
+    raw = list(dict.fromkeys(raw))  # a suite named twice (alone and in a group) is evaluated once
     names, after_lm_eval = [], False
     for n in raw:
         if after_lm_eval and n in LM_EVAL_TASKS and n not in REGISTRY:

@@ -83,6 +83,30 @@ def _paired(entries: list[RunEntry], base: RunEntry | None) -> list[dict]:
     return rows
 
 
+def _recovery(entries: list[RunEntry], suites: list[tuple[str, str]], attacked: str | None,
+              aligned: str | None) -> list[dict]:
+    """Per run and harmful suite, the share of the attacked−aligned gap the run closes (paired over prompts)."""
+    from ..eval.recovery import gap_closed
+
+    by = {e.name: e for e in entries}
+    if not attacked or not aligned:
+        return []
+    att, ali = by[attacked], by[aligned]
+    rows = []
+    for e in entries:
+        if e.name in (attacked, aligned):
+            continue
+        for s, kind in suites:
+            if kind != "harmful" or not all(s in x.samples for x in (att, ali, e)):
+                continue
+            prompts = [p for p in att.samples[s] if p in ali.samples[s] and p in e.samples[s]]
+            if not prompts:
+                continue
+            out = [[0.0 if x.samples[s][p][0] else 1.0 for p in prompts] for x in (att, ali, e)]
+            rows.append({"run": e.name, "suite": s, **gap_closed(*out)})
+    return rows
+
+
 def _changed(entries: list[RunEntry], suites: list[tuple[str, str]]) -> list[dict]:
     """Per harmful / benign suite, the prompts on which the runs that judged them do not all agree."""
     out = []
@@ -144,13 +168,18 @@ def _figures(entries: list[RunEntry], suites: list[tuple[str, str]], colours: di
     return figs
 
 
-def report_context(entries: list[RunEntry], baseline: str | None = None) -> dict:
-    """Everything the templates show, as plain data (tested without rendering)."""
+def report_context(entries: list[RunEntry], baseline: str | None = None, attacked: str | None = None,
+                   aligned: str | None = None) -> dict:
+    """Everything the templates show, as plain data (tested without rendering). ``attacked`` / ``aligned``: the
+    runs whose harmful-rate gap the others are measured against (share of the gap closed)."""
     from .. import __version__
 
     names = [e.name for e in entries]
-    if baseline is not None and baseline not in names:
-        raise ConfigError(f"report: --baseline {baseline!r} is not one of the runs ({', '.join(names)})")
+    for flag, v in (("baseline", baseline), ("attacked", attacked), ("aligned", aligned)):
+        if v is not None and v not in names:
+            raise ConfigError(f"report: --{flag} {v!r} is not one of the runs ({', '.join(names)})")
+    if (attacked is None) != (aligned is None):
+        raise ConfigError("report: --attacked and --aligned go together (the gap is between them)")
     base = next((e for e in entries if e.name == baseline), None) if baseline else None
     colours = {e.name: figures.PALETTE[i % len(figures.PALETTE)] for i, e in enumerate(entries)}
     suites = _suites(entries)
@@ -167,6 +196,7 @@ def report_context(entries: list[RunEntry], baseline: str | None = None) -> dict
     return {"version": __version__, "headline": headline, "created": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "suites": [{"name": s, "kind": k, "title": _KIND_TITLE[k]} for s, k in suites], "rows": rows,
             "baseline": base.name if base else None, "paired": _paired(entries, base),
+            "recovery": _recovery(entries, suites, attacked, aligned), "attacked": attacked, "aligned": aligned,
             "figures": _figures(entries, suites, colours), "changed": _changed(entries, suites),
             "recipes": [{"name": e.name, "text": e.recipe_text} for e in entries if e.recipe_text],
             "eval_configs": [{"name": e.name, "config": e.eval_config} for e in entries if e.eval_config]}
@@ -183,7 +213,8 @@ def _env():
 
 
 def build_report(runs: list[str | Path], out: str | Path = "report.html", *, baseline: str | None = None,
-                 names: list[str] | None = None, title: str = "safeptq report") -> dict[str, Path]:
+                 attacked: str | None = None, aligned: str | None = None, names: list[str] | None = None,
+                 title: str = "safeptq report") -> dict[str, Path]:
     """Write ``out`` (self-contained HTML) and ``out`` with ``.md`` (the tables); returns both paths."""
     import jinja2
 
@@ -196,7 +227,7 @@ def build_report(runs: list[str | Path], out: str | Path = "report.html", *, bas
         raise ConfigError(f"report: --out {out} should end in .html")
     _check_parent_writable(out)
     entries = collect_runs(runs, names)
-    ctx = {**report_context(entries, baseline), "title": title}
+    ctx = {**report_context(entries, baseline, attacked, aligned), "title": title}
     env = _env()
     md_env = jinja2.Environment(loader=env.loader, autoescape=False, trim_blocks=True, lstrip_blocks=True,
                                 undefined=jinja2.StrictUndefined)
