@@ -139,3 +139,33 @@ def test_probe_command_bad_input(tiny_model_dir, tmp_path, capsys, argv, needle)
     rc = main(["probe", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), *argv])
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and "Traceback" not in err
+
+
+def test_paper_probes_fit_raw_features_with_saga_and_key_their_own_cache():
+    import torch
+
+    from safeptq.probes.probes import fit_probes
+    from safeptq.probes.workflow import ProbeSpec
+
+    g = torch.Generator().manual_seed(0)
+    n, h = 120, 16
+    labels = torch.tensor([1] * 60 + [0] * 60)
+    states = torch.randn(2, n, h, generator=g)
+    states[:, :, 0] += 3.0 * labels  # separable along a high-variance coordinate
+    states[:, :, 1] *= 0.01  # and a near-constant one
+    paper = fit_probes(states, labels, fit="paper", seed=0)
+    std = fit_probes(states, labels, seed=0)
+    assert paper.meta["solver"] == "saga" and paper.meta["fit"] == "paper" and std.meta["solver"] == "liblinear"
+    assert not torch.allclose(paper.coef, std.coef)  # a different estimator, not a relabelled one
+    for p in (paper, std):
+        z = p.logits(states)
+        assert ((z > 0).long() == labels).float().mean() > 0.9
+    assert ProbeSpec().key("x") != ProbeSpec(fit="paper").key("x")
+    assert "fit" not in ProbeSpec()  # probes cached before the option keep their key
+
+
+def test_paper_schedule_chooses_paper_probes():
+    from safeptq.recipes import RealignRecipe
+
+    assert RealignRecipe.build({"model": "m", "scheme": "w8a8", "schedule": "paper"}).probes.fit == "paper"
+    assert RealignRecipe.build({"model": "m", "scheme": "w8a8", "probes": {"model": "a"}}).probes.fit == "standardized"

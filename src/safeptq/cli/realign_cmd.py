@@ -41,6 +41,9 @@ class RealignCommand(Command):
         recipe_flag(g, "--probes", field="probes.path", metavar="DIR",
                     help="probes saved by `safeptq probe` (skips fitting)")
         recipe_flag(g, "--probe-c", field="probes.C", type=float, help="inverse L1 strength of fitted probes (1.0)")
+        recipe_flag(g, "--probe-fit", field="probes.fit", choices=("standardized", "paper"),
+                    help="how fitted probes are solved: standardized features with liblinear (default) or, as the "
+                         "authors' code does, raw features with saga (the paper schedule's choice)")
         recipe_flag(g, "--sep-limit", field="probes.sep_limit", type=int,
                     help="held-out prompts per class for the before/after separability (100; 0 skips it)")
         recipe_flag(g, "--schedule", field="schedule", choices=sorted(SCHEDULES),

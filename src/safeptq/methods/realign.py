@@ -61,7 +61,7 @@ class Realign(BlockwiseMethod):
         if r.probes.path:
             probes, where = LayerProbes.load(r.probes.path), r.probes.path
         else:
-            spec = ProbeSpec(seqlen=r.calib.seqlen, chat=r.calib.chat, C=r.probes.C, seed=r.seed)
+            spec = ProbeSpec(seqlen=r.calib.seqlen, chat=r.calib.chat, C=r.probes.C, seed=r.seed, fit=r.probes.fit)
             if r.probes.model:
                 ref = load_model(r.probes.model, dtype=s.dtype, device=s.device)
                 set_chat_options(ref.tokenizer, r.system_prompt, r.chat_template_kwargs)

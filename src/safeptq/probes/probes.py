@@ -1,9 +1,11 @@
 """Per-layer linear probes on the residual stream at the last prompt token (Q-realign).
 
-One L1-regularised logistic regression per decoder layer (scikit-learn, saga, C=1; label 1 =
-malicious), fitted on the output of that layer. Features are standardised for the solver and
-the scaling is folded back, so the saved probe is ``w·h + b`` on raw states: exactly what the
-calibration objective evaluates on the quantized block's output.
+One L1-regularised logistic regression per decoder layer (scikit-learn, C=1; label 1 = malicious), fitted
+on the output of that layer. ``fit="standardized"`` (safeptq's default) standardises the features for the
+solver (liblinear) and folds the scaling back; ``fit="paper"`` fits the raw states with saga as the authors'
+code does, so its L1 penalty favours high-variance coordinates less and low-variance ones more. Either way
+the saved probe is ``w·h + b`` on raw states: exactly what the calibration objective evaluates on the
+quantized block's output.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from safeptq.data.calib import CalibSet, build_calib_set
 from safeptq.errors import ConfigError, DataError
 from safeptq.quant.rotation import decoder_parts
 
-__all__ = ["LayerProbes", "collect_last_token_states", "last_token_states", "fit_probes", "probe_dataset"]
+__all__ = ["LayerProbes", "collect_last_token_states", "last_token_states", "fit_probes", "probe_dataset", "PROBE_FITS"]
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +120,11 @@ class LayerProbes:
         return cls(coef, intercept, meta)
 
 
+PROBE_FITS = ("standardized", "paper")
+
+
 def fit_probes(states: torch.Tensor, labels: torch.Tensor, *, C: float = 1.0, held_out: float = 0.2, seed: int = 0,
-               max_iter: int = 1000, progress: bool = False) -> LayerProbes:
+               max_iter: int | None = None, fit: str = "standardized", progress: bool = False) -> LayerProbes:
     """Fit one L1 logistic probe per layer on ``states`` [L, N, H] with ``labels`` [N] (1 = malicious).
 
     A stratified ``held_out`` share is kept aside for the accuracy in ``meta['heldout_accuracy']``;
@@ -138,6 +143,10 @@ def fit_probes(states: torch.Tensor, labels: torch.Tensor, *, C: float = 1.0, he
         raise DataError("probes need both malicious (1) and benign (0) prompts")
     if C <= 0:
         raise ConfigError(f"probe C must be positive, got {C}")
+    if fit not in PROBE_FITS:
+        raise ConfigError(f"unknown probe fit {fit!r}; choose one of {', '.join(PROBE_FITS)}")
+    # the authors' code keeps scikit-learn's default iteration cap; liblinear on standardised features converges
+    max_iter = max_iter or (100 if fit == "paper" else 1000)
     idx = np.arange(len(y))
     tr, te = train_test_split(idx, test_size=held_out, stratify=y, random_state=seed) if held_out > 0 else (idx, idx[:0])
     n_layers, _, hidden = states.shape
@@ -145,10 +154,16 @@ def fit_probes(states: torch.Tensor, labels: torch.Tensor, *, C: float = 1.0, he
     intercept = torch.zeros(n_layers)
     acc = []
 
-    def fit(x, yy):
+    def fit_one(x, yy):
+        # l1_ratio=1 is the L1 penalty (scikit-learn ≥ 1.8 spelling)
+        if fit == "paper":  # raw features, saga: the authors' probes
+            clf = LogisticRegression(C=C, l1_ratio=1.0, solver="saga", max_iter=max_iter, random_state=seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                clf.fit(x, yy)
+            return clf.coef_[0], clf.intercept_[0]
         sc = StandardScaler().fit(x)
-        # l1_ratio=1 is the L1 penalty (scikit-learn ≥ 1.8 spelling); liblinear solves these small,
-        # wide problems in milliseconds where saga needs seconds and still warns.
+        # liblinear solves these small, wide problems in milliseconds where saga needs seconds and still warns
         clf = LogisticRegression(C=C, l1_ratio=1.0, solver="liblinear", max_iter=max_iter, random_state=seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -160,14 +175,15 @@ def fit_probes(states: torch.Tensor, labels: torch.Tensor, *, C: float = 1.0, he
     for layer in tqdm(range(n_layers), desc="probes", disable=not progress, unit="layer"):
         x = states[layer].double().numpy()
         if len(te):
-            w, b = fit(x[tr], y[tr])
+            w, b = fit_one(x[tr], y[tr])
             acc.append(float(((x[te] @ w + b > 0).astype(int) == y[te]).mean()))
-        w, b = fit(x, y)
+        w, b = fit_one(x, y)
         coef[layer] = torch.from_numpy(w).float()
         intercept[layer] = float(b)
     z = torch.einsum("lnh,lh->ln", states.float(), coef) + intercept[:, None]
     mal = torch.from_numpy(y).bool()
-    meta = {"C": C, "penalty": "l1", "solver": "liblinear", "n": int(len(y)), "malicious": int(y.sum()),
+    meta = {"C": C, "penalty": "l1", "solver": "saga" if fit == "paper" else "liblinear", "fit": fit,
+            "max_iter": max_iter, "n": int(len(y)), "malicious": int(y.sum()),
             "held_out": held_out, "heldout_accuracy": acc, "seed": seed,
             # where this model keeps its malicious / benign prompts along each probe (``--margin auto``)
             "median_margin_malicious": z[:, mal].median(1).values.tolist(),

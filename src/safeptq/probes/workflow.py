@@ -34,8 +34,10 @@ class ProbeSpec(dict):
     """The settings that define a set of probes (also their cache key)."""
 
     def __init__(self, harmful: str = "advbench:calib", benign: str = "alpaca:calib", limit: int | None = None,
-                 seqlen: int = 128, chat: bool = True, C: float = 1.0, seed: int = 0) -> None:
+                 seqlen: int = 128, chat: bool = True, C: float = 1.0, seed: int = 0, fit: str = "standardized") -> None:
         super().__init__(harmful=harmful, benign=benign, limit=limit, seqlen=seqlen, chat=chat, C=C, seed=seed)
+        if fit != "standardized":  # only then part of the key: probes cached before the option keep theirs
+            self["fit"] = fit
 
     def key(self, model_path: str | Path) -> str:
         blob = json.dumps({"model": model_fingerprint(model_path), **self}, sort_keys=True)
@@ -72,7 +74,8 @@ def get_probes(model, tokenizer, model_path: str | Path, spec: ProbeSpec | None 
              int((1 - labels).sum()))
     states = collect_last_token_states(model, tokenizer, texts, chat=spec["chat"], seqlen=spec["seqlen"],
                                        progress=progress)
-    probes = fit_probes(states, labels, C=spec["C"], seed=spec["seed"], progress=progress)
+    probes = fit_probes(states, labels, C=spec["C"], seed=spec["seed"], fit=spec.get("fit", "standardized"),
+                        progress=progress)
     probes.meta.update({"model": str(model_path), "spec": dict(spec)})
     if folder is not None:
         _save_atomic(probes, folder)

@@ -16,10 +16,12 @@ log = logging.getLogger(__name__)
 
 SCHEDULES: dict[str, dict] = {
     # the authors' code: batch size 1, 5 epochs per block in the first half of the layers, 15 after,
-    # AdamW with LWC lr 1e-2 and LET lr 1e-3, the plain softplus(-score) loss, LWC + LET only
+    # AdamW with LWC lr 1e-2 and LET lr 1e-3, the plain softplus(-score) loss, LWC + LET only, probes on raw
+    # features fitted with saga
     "paper": {"training": {"epochs": (5, 15), "batch_size": 1, "lr_lwc": 1e-2, "lr_let": 1e-3,
                            "train_norms": False},
-              "objective": {"margin": 0.0, "benign_anchor": 0.0, "malicious_target": "probe"}},
+              "objective": {"margin": 0.0, "benign_anchor": 0.0, "malicious_target": "probe"},
+              "probes": {"fit": "paper"}},
     # the schedule measured on the organism (BENCHMARKS.md, "Q-realign on the organism"). Three batched epochs per
     # block; clipping factors learn 10x faster than the paper's; the RMSNorm gains are trained too (LWC + LET are
     # equivalent transforms and at W8A8 move too little); a malicious prompt's last-token state is pulled to the
@@ -54,6 +56,9 @@ class ProbeSource(RecipeModel):
     model: str | None = None
     path: str | None = None
     C: float = Field(1.0, gt=0)
+    fit: Literal["standardized", "paper"] = Field(
+        "standardized", description="standardized: features standardised, liblinear (safeptq); paper: raw "
+                                    "features, saga, as the authors' code fits them")
     sep_limit: int = Field(100, ge=0, description="held-out prompts per class for separability; 0 skips")
 
     @model_validator(mode="after")
