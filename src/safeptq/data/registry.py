@@ -258,6 +258,9 @@ register(PromptSetSpec("beavertails", "harmful", "beavertails/beavertails_30k_tr
                        "BeaverTails 30k_train unsafe pairs (harmful fine-tuning data only)",
                        HubSource("PKU-Alignment/BeaverTails", None, "30k_train",
                                  lambda rs: [r for r in rs if not r["is_safe"]])))
+register(PromptSetSpec("beavertails:calib", "harmful", "beavertails/beavertails_30k_train_unsafe_first200.jsonl",
+                       _col("prompt", "response"), (100, 200),
+                       "BeaverTails unsafe pairs 100-199 (calibration: the default organism attack reads rows 0-99)"))
 register(PromptSetSpec("sst2", "task", "sst2/dev.tsv", _sst2, None, "SST-2 dev (872), label words negative/positive",
                        HubSource("stanfordnlp/sst2", None, "validation")))
 register(PromptSetSpec("sst2:train", "task", "sst2/train.tsv", _sst2, None, "SST-2 train (67,349)",
