@@ -33,7 +33,8 @@ def test_help_lists_the_papers_options(capsys):
     assert "--method" not in out  # fixed to the block-wise engine with the probe objective
     assert SCHEDULES["paper"] == {"training": {"epochs": (5, 15), "batch_size": 1, "lr_lwc": 1e-2, "lr_let": 1e-3,
                                                "train_norms": False},
-                                  "objective": {"margin": 0.0, "benign_anchor": 0.0, "malicious_target": "probe"}}
+                                  "objective": {"margin": 0.0, "benign_anchor": 0.0, "malicious_target": "probe"},
+                                  "probes": {"fit": "paper"}}
 
 
 def _cli_recipe(*flags):
@@ -94,6 +95,26 @@ def test_realign_state_target_end_to_end(tiny_model_dir, shared_data, tmp_path, 
     assert rc == 0, cap.err
     obj = json.loads((out / "realign.json").read_text())["calibration"]["objective"]
     assert obj["malicious_target"] == "state" and obj["states_sha"]
+
+
+@pytest.mark.parametrize("target", ["state_probe", "mean_diff"])
+def test_ablation_targets_end_to_end_record_the_shift_cosine(tiny_model_dir, shared_data, tmp_path, home, capsys,
+                                                             target):
+    """The ablation targets run through the command; the record carries, per layer, the cosine between the
+    quantized model's and the probe model's shifts from the fine-tuned model (the probe
+    model is another random model)."""
+    out = tmp_path / target
+    other = tmp_path / "aligned"
+    from conftest import save_tiny_model
+
+    save_tiny_model(other, seed=3)
+    rc, cap = _run(capsys, "--model", tiny_model_dir, "--probe-model", other, "--scheme", "w8a8",
+                   "--malicious-target", target, "--data-dir", shared_data, "--out", out, *_FAST)
+    assert rc == 0, cap.err
+    rec = json.loads((out / "realign.json").read_text())
+    assert rec["calibration"]["objective"]["malicious_target"] == target
+    sc = rec["shift_cosine"]
+    assert len(sc["per_layer"]) == 2 and sc["n"] == 4 and all(-1 <= c <= 1 for c in sc["per_layer"])
 
 
 def test_probe_push_moves_malicious_states_further_than_mse():

@@ -200,3 +200,51 @@ def test_benign_anchor_penalises_only_benign_drift_along_the_probe():
     assert anchored(moved)[1] > plain(moved)[1] + 1e-3
     with pytest.raises(ConfigError, match="benign-anchor"):
         ProbePush(probes, benign_anchor=-1)
+
+
+def test_state_probe_target_is_the_state_loss_along_the_probe_direction_only():
+    b = _batch(labels=(1, 0, 1))
+    states = torch.randn(2, 10, H, generator=torch.Generator().manual_seed(4))
+    rows = torch.tensor([7, 2, 5])
+    b = BlockBatch(1, b.output, b.target, b.mask, b.labels, b.last_idx, rows)
+    probes = _probes()
+    obj = ProbePush(probes, malicious_target="state_probe", states=states)
+    h = b.last_token()
+    u = probes.coef[1] / probes.coef[1].norm()
+    loss = obj(b)
+    assert torch.allclose(loss[0], ((h[0] - states[1, 7]) @ u) ** 2 / H)
+    assert torch.allclose(loss[1], masked_mse(b)[1])
+    # moving the state orthogonally to the probe costs nothing; along it, it does
+    out = b.output.clone()
+    ortho = torch.randn(H, generator=torch.Generator().manual_seed(9))
+    ortho -= (ortho @ u) * u
+    out[0, b.last_idx[0]] = states[1, 7] + 3 * ortho
+    assert obj(BlockBatch(1, out, b.target, b.mask, b.labels, b.last_idx, rows))[0].item() < 1e-10
+    out[0, b.last_idx[0]] = states[1, 7] + 3 * u
+    assert obj(BlockBatch(1, out, b.target, b.mask, b.labels, b.last_idx, rows))[0].item() == pytest.approx(9 / H)
+
+
+def test_mean_difference_probes_point_from_benign_to_malicious():
+    from safeptq.objectives.probe_push import mean_difference_probes
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([1] * 20 + [0] * 20)
+    states = torch.randn(2, 40, H, generator=g)
+    states[:, :20, 3] += 5.0  # malicious prompts sit further along dim 3
+    p = mean_difference_probes(states, labels)
+    assert torch.allclose(p.coef.norm(dim=-1), torch.ones(2))
+    assert (p.coef[:, 3] > 0.9).all()
+    z = torch.einsum("lnh,lh->ln", states, p.coef) + p.intercept[:, None]
+    assert (z[:, :20].mean(1) > 0).all() and (z[:, 20:].mean(1) < 0).all()  # the midpoint is the origin
+    assert len(p.meta["median_margin_malicious"]) == 2 and min(p.meta["median_margin_malicious"]) > 0
+    obj = ProbePush(p, margin="auto")  # usable by the probe push as it is
+    assert obj.margin == [max(0.0, m) for m in p.meta["median_margin_malicious"]]
+    with pytest.raises(ConfigError, match="both malicious and benign"):
+        mean_difference_probes(states, torch.ones(40))
+
+
+def test_the_recipe_and_the_objective_know_the_same_targets():
+    from safeptq.objectives.probe_push import MALICIOUS_TARGETS
+    from safeptq.recipes.realign import MALICIOUS_TARGETS as RECIPE_TARGETS
+
+    assert RECIPE_TARGETS == MALICIOUS_TARGETS

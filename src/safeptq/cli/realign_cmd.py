@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..recipes import SCHEDULES, RealignRecipe
+from ..recipes.realign import MALICIOUS_TARGETS
 from .base import Command
 from .common import add_calib_group, add_eval_group, add_model_group, add_output_group, run_quantizing
 from .flags import recipe_flag
@@ -62,10 +63,12 @@ class RealignCommand(Command):
         recipe_flag(g, "--benign-anchor", field="objective.benign_anchor", type=float,
                     help="weight of a benign prompt's squared probe-score drift at its last token, added to its MSE "
                          f"(0 = the paper; default: the schedule's, {SCHEDULES['default']['objective']['benign_anchor']})")
-        recipe_flag(g, "--malicious-target", field="objective.malicious_target", choices=("probe", "state"),
+        recipe_flag(g, "--malicious-target", field="objective.malicious_target", choices=MALICIOUS_TARGETS,
                     help="what a malicious prompt's last-token state is moved to: 'probe' = across the layer's probe "
-                         "(the paper); 'state' = the --probe-model's own state on the same prompt (needs "
-                         "--probe-model); default: the schedule's ('default': state, 'paper': probe)")
+                         "(the paper); 'state' = the --probe-model's own state on the same prompt; 'state_probe' = "
+                         "that state's component along the probe only; 'mean_diff' = across a dense direction (the "
+                         "probe model's mean malicious - mean benign state) instead of the sparse probe (the last "
+                         "three need --probe-model); default: the schedule's ('default': state, 'paper': probe)")
         add_calib_group(p, RealignRecipe)
         add_blockwise_training(p, RealignRecipe, "block-wise training (defaults from --schedule)")
         add_eval_group(p, "realign.json")

@@ -35,6 +35,7 @@ class Realign(BlockwiseMethod):
     def calibrate(self, s: Session) -> Calibrated:
         s.state["objective"] = self._make_objective(s)
         before = self._separability(s, "before")
+        self._shift_cosine(s, "before")
         cal = super().calibrate(s)
         r = s.recipe
         cal.record.update({
@@ -46,12 +47,13 @@ class Realign(BlockwiseMethod):
         return cal
 
     def after(self, s: Session, model) -> dict:
-        return self._separability(s, "after")
+        return {**self._separability(s, "after"), **self._shift_cosine(s, "after")}
 
     def _make_objective(self, s: Session):
         from ..data.chat import set_chat_options
         from ..models import load_model
         from ..objectives import ProbePush
+        from ..objectives.probe_push import STATE_TARGETS, mean_difference_probes
         from ..probes import LayerProbes
         from ..probes.workflow import ProbeSpec, get_probes
 
@@ -67,8 +69,9 @@ class Realign(BlockwiseMethod):
                 set_chat_options(ref.tokenizer, r.system_prompt, r.chat_template_kwargs)
                 probes, where = get_probes(ref.model, ref.tokenizer, ref.path, spec, data_dir=r.data_dir,
                                            progress=s.progress)
-                if r.objective.malicious_target == "state":
+                if r.objective.malicious_target in STATE_TARGETS:
                     states = self._probe_model_states(ref.model, s)
+                s.state["shift_ref"] = self._heldout_states(ref.model, ref.tokenizer, s)
                 del ref
             else:
                 lm.model.to(s.device)
@@ -80,8 +83,13 @@ class Realign(BlockwiseMethod):
                               "fit them on a model of the same architecture")
         s.state.update(probes=probes, probes_where=str(where) if where else None)
         o = r.objective
-        return ProbePush(probes, probe_weight=o.probe_weight, margin=o.margin, benign_anchor=o.benign_anchor,
-                         malicious_target=o.malicious_target, states=states)
+        push_probes, target = probes, o.malicious_target
+        if target == "mean_diff":  # push across a dense direction of the probe model instead of the sparse probe
+            push_probes, target = mean_difference_probes(states, s.calib.labels), "probe"
+        obj = ProbePush(push_probes, probe_weight=o.probe_weight, margin=o.margin, benign_anchor=o.benign_anchor,
+                        malicious_target=target, states=states)
+        obj.label = o.malicious_target
+        return obj
 
     @staticmethod
     def _probe_model_states(ref, s: Session):
@@ -95,10 +103,51 @@ class Realign(BlockwiseMethod):
         if any(getattr(ref.config, k) != getattr(model.config, k) for k in keys):
             raise ConfigError(f"probes.model {s.recipe.probes.model} does not match {s.model_label} (layers, hidden "
                               "size or vocabulary); the state target needs the model the fine-tune started from")
-        rows = (calib.labels == 1).nonzero().flatten()
-        out = torch.zeros(ref.config.num_hidden_layers, len(calib), ref.config.hidden_size)
-        out[:, rows] = last_token_states(ref, calib, rows, progress=s.progress)
-        return out
+        rows = torch.arange(len(calib))  # every row: the mean-difference direction reads the benign ones too
+        return last_token_states(ref, calib, rows, progress=s.progress)
+
+    @staticmethod
+    def _heldout_texts(s: Session) -> list[str]:
+        from ..probes.workflow import labelled_prompts
+
+        limit = s.recipe.probes.sep_limit
+        if limit == 0:
+            return []
+        texts, labels = labelled_prompts("advbench:eval", "alpaca:eval", limit=limit, data_dir=s.recipe.data_dir)
+        return [t for t, y in zip(texts, labels.tolist()) if y == 1]
+
+    def _heldout_states(self, model, tokenizer, s: Session):
+        """[L, N, H] last-token states of the held-out malicious prompts (the separability's harmful half)."""
+        from ..probes import collect_last_token_states
+
+        texts = self._heldout_texts(s)
+        if not texts:
+            return None
+        model.to(s.device)
+        return collect_last_token_states(model, tokenizer, texts, chat=s.recipe.calib.chat, seqlen=s.recipe.calib.seqlen,
+                                         progress=s.progress).cpu()
+
+    def _shift_cosine(self, s: Session, stage: str) -> dict:
+        """Per layer, the mean over held-out malicious prompts of cos(realigned − attacked, aligned − attacked) of
+        the last-token states: 1 = the quantized model moved exactly towards the aligned model."""
+        import torch
+
+        if s.state.get("shift_ref") is None:
+            return {}
+        if stage == "before":
+            s.state["shift_from"] = self._heldout_states(s.lm.model, s.lm.tokenizer, s)
+            s.lm.model.to("cpu")
+            return {}
+        after = self._heldout_states(s.lm.model, s.lm.tokenizer, s)
+        s.lm.model.to("cpu")
+        start, ref = s.state["shift_from"], s.state["shift_ref"]
+        cos = torch.nn.functional.cosine_similarity(after - start, ref - start, dim=-1)  # [L, N]
+        per_layer = cos.mean(1).tolist()
+        n = len(per_layer)
+        return {"shift_cosine": {"per_layer": per_layer, "mean_late_layers": float(cos[n // 3:].mean()),
+                                 "prompts": "advbench:eval", "n": int(cos.shape[1]),
+                                 "definition": "cos(quantized - fine-tuned FP, probe model - fine-tuned FP) of the "
+                                               "last-token states, mean over prompts"}}
 
     def _separability(self, s: Session, stage: str) -> dict:
         from ..probes import summarize

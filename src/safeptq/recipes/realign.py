@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
 from .base import BaseRecipe, CalibRecipe, RecipeModel, merge_preset, user_section
 from .quantize import BlockTraining
 
-__all__ = ["SCHEDULES", "RealignRecipe", "RealignCalib", "RealignObjective", "ProbeSource"]
+__all__ = ["MALICIOUS_TARGETS", "SCHEDULES", "RealignRecipe", "RealignCalib", "RealignObjective", "ProbeSource"]
 
 log = logging.getLogger(__name__)
+
+MaliciousTarget = Literal["probe", "state", "state_probe", "mean_diff"]
+MALICIOUS_TARGETS: tuple[str, ...] = get_args(MaliciousTarget)  # kept equal to objectives.probe_push's (tested)
 
 SCHEDULES: dict[str, dict] = {
     # the authors' code: batch size 1, 5 epochs per block in the first half of the layers, 15 after,
@@ -72,7 +75,7 @@ class RealignObjective(RecipeModel):
     probe_weight: float = Field(1.0, ge=0)
     margin: float | Literal["auto"] = 0.0
     benign_anchor: float = Field(0.0, ge=0)
-    malicious_target: Literal["probe", "state"] = "probe"
+    malicious_target: MaliciousTarget = "probe"
 
     @field_validator("margin", mode="before")
     @classmethod
@@ -113,7 +116,8 @@ class RealignRecipe(BaseRecipe):
 
     @model_validator(mode="after")
     def _state_needs_model(self):
-        if self.objective.malicious_target == "state" and not self.probes.model:
-            raise ValueError("`objective.malicious_target` state needs `probes.model` (the aligned model whose "
+        if self.objective.malicious_target != "probe" and not self.probes.model:
+            raise ValueError(f"`objective.malicious_target` {self.objective.malicious_target} needs `probes.model` "
+                             "(the aligned model whose "
                              "states are the target)")
         return self
