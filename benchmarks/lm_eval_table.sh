@@ -3,9 +3,10 @@
 # data) and WikiText-2 perplexity in the GPTQ convention (2048-token windows) for
 #   the default model (SmolLM2-135M-Instruct): fp, rtn|gptq|omni - w8a8|w4a16 (w4a16 = group 64),
 #   the organism: org-aligned, org-attacked, org-realigned (REALIGNED, Q-realign W8A8), org-aaq (AAQ, AAQ W4A8).
-# Each row is two evaluations of the same model (an export is reloaded with its activation quantizers):
-#   RUN.json       ARC-e, ARC-c, PIQA, WinoGrande, BoolQ, LAMBADA on their first LIMIT examples + PPL windows;
-#   RUN.mmlu.json  MMLU on its first MMLU examples of each of the 57 subjects (57 x MMLU questions).
+# Each row is three evaluations of the same model (an export is reloaded with its activation quantizers):
+#   RUN.json       ARC-e, ARC-c, PIQA, WinoGrande, BoolQ, LAMBADA on their first LIMIT examples;
+#   RUN.mmlu.json  MMLU on its first MMLU examples of each of the 57 subjects (57 x MMLU questions);
+#   RUN.ppl.json   WikiText-2 (GPTQ convention) on its first PPL windows of 2048 tokens.
 # Quantized models are written to OUT/RUN/ first (no evaluation inside the quantize run).
 # Usage: bash benchmarks/lm_eval_table.sh [RUN...]; table: python benchmarks/tables.py --lm-eval OUT/*.json
 set -euo pipefail
@@ -14,10 +15,10 @@ S=${SAFEPTQ:-.venv/bin/safeptq}
 OUT=${OUT:-runs/bench/lmeval}
 LIMIT=${LIMIT:-50}
 MMLU=${MMLU:-10}
-PPL=${PPL:-40}
+PPL=${PPL:-10}
 REALIGNED=${REALIGNED:-runs/bench/api/realign-w8a8}
 AAQ=${AAQ:-runs/bench/aaq-seeds/aaq-w4a8-s0}
-TASKS="lm-eval:arc_easy,arc_challenge,piqa,winogrande,boolq,lambada_openai,wikitext2"
+TASKS="lm-eval:arc_easy,arc_challenge,piqa,winogrande,boolq,lambada_openai"
 mkdir -p "$OUT"
 runs=("$@"); [ ${#runs[@]} -eq 0 ] && runs=(fp rtn-w8a8 gptq-w8a8 omni-w8a8 rtn-w4a16 gptq-w4a16 omni-w4a16
                                             org-aligned org-attacked org-realigned org-aaq)
@@ -36,8 +37,9 @@ for r in "${runs[@]}"; do
     *) echo "unknown run $r"; exit 2 ;;
   esac
   [ -e "$m" ] || [ "$m" = default ] || { echo "skip $r: $m is missing"; continue; }
-  [ -f "$OUT/$r.json" ] || $S eval --model "$m" --suite "$TASKS" --limit "$LIMIT" --ppl-windows "$PPL" \
-    --out "$OUT/$r.json" --no-progress
+  [ -f "$OUT/$r.json" ] || $S eval --model "$m" --suite "$TASKS" --limit "$LIMIT" --out "$OUT/$r.json" --no-progress
+  [ -f "$OUT/$r.ppl.json" ] || $S eval --model "$m" --suite wikitext2 --ppl-windows "$PPL" --out "$OUT/$r.ppl.json" \
+    --no-progress
   [ -f "$OUT/$r.mmlu.json" ] || $S eval --model "$m" --suite lm-eval:mmlu --limit "$MMLU" --out "$OUT/$r.mmlu.json" \
     --no-progress
 done

@@ -115,16 +115,17 @@ def lm_eval_table(paths: list[str]) -> None:
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for f in map(Path, paths):
-        if f.name.endswith(".mmlu.json"):
+        if f.name.endswith((".mmlu.json", ".ppl.json")):
             continue  # merged into its row below
         doc = load(f)
         if doc is None:
             continue
         ev = dict(doc.get("eval") or {})
         name = f.name.removesuffix(".json")
-        mmlu = f.with_name(f"{name}.mmlu.json")  # MMLU run on its own, at its own per-subject limit
-        if mmlu.is_file():
-            ev.update(load(mmlu)["eval"])
+        for part in ("mmlu", "ppl"):  # MMLU at its own per-subject limit, perplexity at its own window count
+            side = f.with_name(f"{name}.{part}.json")
+            if side.is_file():
+                ev.update(load(side)["eval"])
         cells = [name]
         for t in LM_EVAL:
             r = ev.get(f"lm-eval:{t}")
