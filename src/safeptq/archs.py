@@ -30,7 +30,7 @@ from .errors import ConfigError, UnknownNameError
 
 __all__ = ["ArchSpec", "SPECS", "spec_for_config", "spec_of_layer", "spec_of_model", "ALL_PAIRS"]
 
-ALL_PAIRS: tuple[str, ...] = ("attn_in", "mlp_in", "vo", "qk")
+ALL_PAIRS: tuple[str, ...] = ("attn_in", "mlp_in", "vo", "qk", "up_down")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class ArchSpec:
     mlp_readers: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
     attn_writer: str = "self_attn.o_proj"
     mlp_writer: str = "mlp.down_proj"
+    mlp_up: str = "mlp.up_proj"  # the linear whose rows multiply act(gate) (up_down smoothing)
+    mlp_up_offset: bool = False  # True: up is the second half of the rows of a fused gate_up_proj
     # transforms that are not equivalent on this family, with the reason (pair name or "rotation")
     not_equivalent: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
@@ -95,7 +97,8 @@ SPECS: dict[str, ArchSpec] = {s.family: s for s in (
              post_norms=("post_attention_layernorm", "post_feedforward_layernorm"), norm_offset=1.0,
              not_equivalent={"rotation": _SANDWICH, "qk": _QK_NORM}),
     ArchSpec("phi3", ("phi3",), "Phi3DecoderLayer", attn_readers=("self_attn.qkv_proj",),
-             mlp_readers=("mlp.gate_up_proj",), not_equivalent={"vo": _FUSED, "qk": _FUSED}),
+             mlp_readers=("mlp.gate_up_proj",), mlp_up="mlp.gate_up_proj", mlp_up_offset=True,
+             not_equivalent={"vo": _FUSED, "qk": _FUSED}),
 )}
 
 _BY_TYPE = {t: s for s in SPECS.values() for t in s.model_types}

@@ -43,7 +43,7 @@ def test_every_family_has_a_spec_and_the_linears_exist():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("pair", ["attn_in", "mlp_in", "vo", "qk"])
+@pytest.mark.parametrize("pair", ["attn_in", "mlp_in", "vo", "qk", "up_down"])
 def test_smoothing_pair_folds_exactly_or_is_refused(family, pair):
     from safeptq.quant.smoothing import LayerGeometry, LayerSmoothing, attach_smoothing, fold_smoothing
 
@@ -177,3 +177,29 @@ def test_every_layer_gets_its_own_kwargs(family):
                 assert torch.equal(value, v2), key
             elif isinstance(value, tuple):
                 assert all(torch.equal(a, b) for a, b in zip(value, v2)), key
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_up_down_smoothing_starts_from_the_down_proj_statistics(family):
+    """SmoothQuant's initialisation for up→down reads down_proj's input range; a fused gate_up_proj (Phi-3)
+    keeps its gate half untouched by the fold."""
+    from safeptq.quant.qlinear import base_linear
+    from safeptq.quant.smoothing import fold_smoothing, init_smoothing
+
+    model = make_tiny_family(family)
+    spec = spec_of_model(model)
+    layer = model.model.layers[0]
+    st = _stats(model)
+    assert st["down_in"].shape == (base_linear(layer.get_submodule(spec.mlp_writer)).in_features,)
+    sm = init_smoothing(layer, st, 0.5, ("up_down",))
+    assert not torch.allclose(sm.scales["up_down"], torch.ones_like(sm.scales["up_down"]))
+    ref = _logits(model)
+    up = base_linear(layer.get_submodule(spec.mlp_up)).weight.detach().clone()
+    fold_smoothing(layer, sm)
+    assert _rel(_logits(model), ref) <= TOL
+    new = base_linear(layer.get_submodule(spec.mlp_up)).weight.detach()
+    half = up.shape[0] // 2
+    if spec.mlp_up_offset:  # only the up half of gate_up_proj moved
+        assert torch.equal(new[:half], up[:half]) and not torch.equal(new[half:], up[half:])
+    else:
+        assert not torch.equal(new, up)

@@ -71,6 +71,7 @@ from safeptq.quant.rotation import (
     random_hadamard,
 )
 from safeptq.quant.smoothing import (
+    DEFAULT_PAIRS,
     PAIRS,
     LayerSmoothing,
     attach_smoothing,
@@ -108,7 +109,7 @@ class E2EConfig:
     online_hadamard: bool | None = None  # None: same as ``rotation``
     smoothing: bool = True
     smooth_alpha: float = 0.5
-    smooth_pairs: tuple[str, ...] = PAIRS
+    smooth_pairs: tuple[str, ...] = DEFAULT_PAIRS
     lwc: bool = True
     save_every: int = 20  # checkpoint every N steps (with a work dir; 0 = only at the end)
     seed: int = 0

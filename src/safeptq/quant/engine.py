@@ -41,7 +41,7 @@ from safeptq.quant.qlinear import (QuantLinear, decoder_linears, set_quantizers_
                                    wrap_decoder_layer)
 from safeptq.quant.quantizer import QuantizedWeight, lwc_parameters
 from safeptq.quant.rotation import decoder_parts
-from safeptq.quant.smoothing import PAIRS, attach_smoothing, fold_smoothing, init_smoothing, record_smoothing_stats
+from safeptq.quant.smoothing import DEFAULT_PAIRS, attach_smoothing, fold_smoothing, init_smoothing, record_smoothing_stats
 
 __all__ = ["BlockwiseConfig", "CalibResult", "calibrate_blockwise", "capture_block_inputs", "check_architecture",
            "peak_memory_mb"]
@@ -58,7 +58,7 @@ class BlockwiseConfig:
     lwc: bool = True
     let: bool = True
     let_alpha: float = 0.5
-    let_pairs: tuple[str, ...] = PAIRS
+    let_pairs: tuple[str, ...] = DEFAULT_PAIRS
     epochs: int | tuple[int, int] = 2  # one number, or (first half of the blocks, second half)
     batch_size: int = 4
     lr_lwc: float = 1e-2

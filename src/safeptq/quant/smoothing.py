@@ -14,6 +14,9 @@ makes ``x``, so ``s`` folds away and the full-precision model is unchanged:
 * ``qk``:      q_proj → k_proj through q·kᵀ     (q rows / s; k rows * s). RoPE mixes dims ``i`` and
   ``i + head_dim/2``; the scale commutes with it only if equal on both, so it is stored as
   ``[kv_heads, head_dim/2]`` and duplicated. It is per kv head and shared by its query heads.
+* ``up_down``: up_proj → down_proj through ``act(gate(x)) * up(x)`` (up rows / s; down columns * s): the
+  product is linear in ``up``'s output, so the scale passes through it (OSTQuant's and OmniQuant's
+  up→down pair; Phi-3: the up half of the fused gate_up_proj). Not in :data:`DEFAULT_PAIRS`.
 
 OmniQuant also learns shifts (``x - δ``, absorbed into a LayerNorm bias). RMSNorm has no bias
 and its output is not centred, so there is nothing to absorb a shift into; shifts are omitted.
@@ -39,6 +42,7 @@ from safeptq.quant.qlinear import QuantLinear, base_linear, wrap_linear
 
 __all__ = [
     "PAIRS",
+    "DEFAULT_PAIRS",
     "SCALE_CLAMP",
     "LayerGeometry",
     "LayerSmoothing",
@@ -50,7 +54,8 @@ __all__ = [
     "fold_smoothing",
 ]
 
-PAIRS: tuple[str, ...] = ("attn_in", "mlp_in", "vo", "qk")
+PAIRS: tuple[str, ...] = ("attn_in", "mlp_in", "vo", "qk", "up_down")
+DEFAULT_PAIRS: tuple[str, ...] = ("attn_in", "mlp_in", "vo", "qk")  # what the engines smooth unless told otherwise
 SCALE_CLAMP = 1e-5
 _WARNED: set[tuple[str, str]] = set()
 log = logging.getLogger(__name__)
@@ -65,6 +70,7 @@ class LayerGeometry:
     head_dim: int
     num_heads: int
     num_kv_heads: int
+    intermediate: int = 0  # the MLP's inner width (down_proj's input)
 
     @property
     def n_rep(self) -> int:
@@ -78,12 +84,13 @@ class LayerGeometry:
             raise ConfigError(f"{type(attn).__name__} has no head_dim; not a Llama-style attention")
         if head_dim % 2:
             raise ConfigError(f"head_dim={head_dim} is odd; RoPE needs it even")
+        inter = base_linear(layer.get_submodule(spec_of_layer(layer).mlp_writer)).in_features
         cfg = getattr(attn, "config", None)
         if cfg is not None:  # every supported family keeps its config on the attention module
             heads = cfg.num_attention_heads
-            return cls(cfg.hidden_size, head_dim, heads, getattr(cfg, "num_key_value_heads", None) or heads)
+            return cls(cfg.hidden_size, head_dim, heads, getattr(cfg, "num_key_value_heads", None) or heads, inter)
         q, k = base_linear(attn.q_proj), base_linear(attn.k_proj)
-        return cls(q.in_features, head_dim, q.out_features // head_dim, k.out_features // head_dim)
+        return cls(q.in_features, head_dim, q.out_features // head_dim, k.out_features // head_dim, inter)
 
     def per_query_head(self, s: torch.Tensor) -> torch.Tensor:
         """Expand a ``[kv_heads * head_dim]`` vector to ``[heads * head_dim]`` (GQA sharing)."""
@@ -102,7 +109,7 @@ class LayerGeometry:
 class LayerSmoothing(nn.Module):
     """Learnable smoothing scales of one decoder layer; ``scale(pair)`` gives the full vector."""
 
-    def __init__(self, geometry: LayerGeometry, pairs: Iterable[str] = PAIRS) -> None:
+    def __init__(self, geometry: LayerGeometry, pairs: Iterable[str] = DEFAULT_PAIRS) -> None:
         super().__init__()
         pairs = tuple(pairs)
         bad = [p for p in pairs if p not in PAIRS]
@@ -114,6 +121,7 @@ class LayerSmoothing(nn.Module):
             "mlp_in": (g.hidden,),
             "vo": (g.num_kv_heads * g.head_dim,),
             "qk": (g.num_kv_heads, g.head_dim // 2),
+            "up_down": (g.intermediate,),
         }
         self.scales = nn.ParameterDict({p: nn.Parameter(torch.ones(shapes[p])) for p in pairs})
 
@@ -168,6 +176,17 @@ def _rows_mul(s):
     return fn
 
 
+def _second_half_rows_div(s):
+    """Rows / s on the second half only: the up part of a fused ``gate_up_proj``."""
+    def fn(w, b):
+        v = s().to(w)
+        ones = torch.ones(w.shape[0] - v.shape[0], dtype=w.dtype, device=w.device)
+        full = torch.cat([ones, v])
+        return w / full[:, None], None if b is None else b / full
+
+    return fn
+
+
 def _plan(sm: LayerSmoothing, spec: ArchSpec) -> tuple[list[tuple[str, object]], list[tuple[str, str]]]:
     """(linear transforms, norm divisions) implementing ``sm`` on a layer of family ``spec``."""
     g = sm.geometry
@@ -188,6 +207,10 @@ def _plan(sm: LayerSmoothing, spec: ArchSpec) -> tuple[list[tuple[str, object]],
     if "qk" in sm.scales:
         lin.append(("self_attn.q_proj", _rows_div(lambda: g.per_query_head(sm.scale("qk")))))
         lin.append(("self_attn.k_proj", _rows_mul(lambda: sm.scale("qk"))))
+    if "up_down" in sm.scales:
+        div = _second_half_rows_div if spec.mlp_up_offset else _rows_div
+        lin.append((spec.mlp_up, div(lambda: sm.scale("up_down"))))
+        lin.append((spec.mlp_writer, _cols_mul(lambda: sm.scale("up_down"))))
     return lin, norms
 
 
@@ -196,7 +219,7 @@ def record_smoothing_stats(layer: nn.Module):
     """Record per-channel ``max|·|`` needed by :func:`init_smoothing` while the block runs.
 
     Yields a dict filled in place: ``attn_in``/``mlp_in`` (q and gate inputs), ``o_in`` (o_proj
-    input), ``q_out``/``k_out`` (q and k outputs before RoPE). Call the layer any number of times
+    input), ``down_in`` (down_proj input), ``q_out``/``k_out`` (q and k outputs before RoPE). Call the layer any number of times
     inside the ``with``; maxima accumulate. Record on the full-precision layer, before wrapping
     or attaching anything (quantizers and scales would distort the statistics).
     """
@@ -209,7 +232,8 @@ def record_smoothing_stats(layer: nn.Module):
     hooks = []
     spec = spec_of_layer(layer)
     sub = layer.get_submodule
-    for name, key in ((spec.attn_readers[0], "attn_in"), (spec.mlp_readers[0], "mlp_in"), (spec.attn_writer, "o_in")):
+    for name, key in ((spec.attn_readers[0], "attn_in"), (spec.mlp_readers[0], "mlp_in"), (spec.attn_writer, "o_in"),
+                      (spec.mlp_writer, "down_in")):
         hooks.append(sub(name).register_forward_pre_hook(lambda m, a, key=key: keep(key, a[0])))
     if not spec.fused:
         for name, key in (("self_attn.q_proj", "q_out"), ("self_attn.k_proj", "k_out")):
@@ -236,7 +260,7 @@ def init_smoothing(
     layer: nn.Module,
     stats: dict[str, torch.Tensor] | None,
     alpha: float = 0.5,
-    pairs: Iterable[str] = PAIRS,
+    pairs: Iterable[str] = DEFAULT_PAIRS,
 ) -> LayerSmoothing:
     """SmoothQuant initialisation ``s = max|x|^α / max|w|^(1-α)``, clamped at 1e-5.
 
@@ -263,6 +287,8 @@ def init_smoothing(
         elif pair == "vo" and "o_in" in stats:
             w = _col_absmax(layer, ("self_attn.o_proj",))
             s = _smooth(g.reduce_query_heads(stats["o_in"]), g.reduce_query_heads(w), alpha)
+        elif pair == "up_down" and "down_in" in stats:
+            s = _smooth(stats["down_in"], _col_absmax(layer, (spec.mlp_writer,)), alpha)
         elif pair == "qk" and "q_out" in stats and "k_out" in stats:
             q = g.reduce_rope_pairs(g.reduce_query_heads(stats["q_out"]))
             k = g.reduce_rope_pairs(stats["k_out"])

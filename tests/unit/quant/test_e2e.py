@@ -141,7 +141,7 @@ def test_input_errors(calib, refs):
     with pytest.raises(ConfigError, match="lr_rotation must be non-negative"):
         _cfg(lr_rotation=-1.0)
     with pytest.raises(ConfigError, match="unknown smoothing pair"):
-        _cfg(smooth_pairs=("attn_in", "up_down"))
+        _cfg(smooth_pairs=("attn_in", "gate_down"))
     with pytest.raises(UnknownNameError, match="unknown quantization scheme"):
         _cfg("w3a3")
 

@@ -42,7 +42,7 @@ def test_smoothquant_init_formula(tiny_llama):
     with pytest.raises(ConfigError, match="alpha"):
         init_smoothing(layer, stats, alpha=1.5)
     with pytest.raises(ConfigError, match="unknown smoothing pair"):
-        LayerSmoothing(sm.geometry, ["attn_in", "up_down"])
+        LayerSmoothing(sm.geometry, ["attn_in", "gate_down"])
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
