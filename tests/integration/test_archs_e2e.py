@@ -45,3 +45,16 @@ def test_aaq(family_model, shared_data, tmp_path):
     if family == "gemma3":  # sandwich norms: the rotation is switched off, with the reason in the record
         assert not q.record["transforms"]["rotation"]
         assert any("rotation off on gemma3" in n for n in q.record["notes"])
+
+
+def test_aaq_full_transforms(family_model, shared_data, tmp_path):
+    """AAQ with the v/o head rotations and the up->down smoothing pair: folded into servable weights (the export's
+    reload check holds), recorded; Phi-3's fused qkv keeps no head rotation."""
+    family, model = family_model
+    q = safeptq.aaq(str(model), objective="kl_top", scheme="w4a16", steps=2, topk=16, replies=0, smoothing="on",
+                    rotation="off", vo_rotation=True, up_down=True, calib="wikitext2:calib", weights="rtn",
+                    out=tmp_path / "o", data_dir=str(shared_data), **FAST)
+    _check(q, tmp_path / "o", "pack-quantized")
+    t = q.record["transforms"]
+    assert "up_down" in t["smooth_pairs"]
+    assert t["vo_rotation"] == ([] if family == "phi3" else [0, 1])

@@ -203,3 +203,36 @@ def test_up_down_smoothing_starts_from_the_down_proj_statistics(family):
         assert torch.equal(new[:half], up[:half]) and not torch.equal(new[half:], up[half:])
     else:
         assert not torch.equal(new, up)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_head_rotation_of_values_is_exact_or_refused(family):
+    """A learnable per-head rotation of v_proj's output, undone in o_proj's input (with GQA: shared by a kv
+    head's query heads), after v/o smoothing: exact attached and folded, on every family with separate v."""
+    from safeptq.quant.rotation import CayleyRotation, attach_head_rotation, fold_head_rotation
+    from safeptq.quant.smoothing import LayerGeometry, LayerSmoothing, attach_smoothing, fold_smoothing
+
+    model = make_tiny_family(family)
+    spec = spec_of_model(model)
+    layer = model.model.layers[0]
+    g = LayerGeometry.of(layer)
+    rot = CayleyRotation(g.head_dim, seed=3)
+    with torch.no_grad():
+        rot.weight.normal_(0, 0.1)  # away from the Hadamard start, so the Cayley part is exercised too
+    if "vo" in spec.not_equivalent:
+        with pytest.raises(ConfigError, match=f"not an equivalent transform on {family}"):
+            attach_head_rotation(layer, rot)
+        return
+    ref = _logits(model)
+    sm = LayerSmoothing(g, ("vo",))
+    with torch.no_grad():
+        sm.scales["vo"].copy_(0.5 + torch.rand_like(sm.scales["vo"]))
+    attach_smoothing(layer, sm)
+    v_before = layer.self_attn.v_proj.linear.weight.detach().clone()
+    attach_head_rotation(layer, rot)
+    assert _rel(_logits(model), ref) <= TOL
+    fold_smoothing(layer, sm)
+    fold_head_rotation(layer, rot)
+    assert _rel(_logits(model), ref) <= TOL
+    assert not layer.self_attn.v_proj.transform_keys() and not layer.self_attn.o_proj.transform_keys()
+    assert not torch.allclose(layer.self_attn.v_proj.linear.weight, v_before, atol=1e-3)

@@ -88,6 +88,11 @@ class AAQCommand(Command):
                     help="no learnable weight clipping (min/max ranges)")
         recipe_flag(g, "--smooth-alpha", field="training.smooth_alpha", type=float,
                     help="SmoothQuant migration strength that initialises the smoothing scales (0.5)")
+        recipe_flag(g, "--up-down", field="training.up_down", action="store_const", const=True,
+                    help="also smooth up_proj -> down_proj (exact; OSTQuant's pair; off by default)")
+        recipe_flag(g, "--vo-rotation", field="training.vo_rotation", action="store_const", const=True,
+                    help="learn a rotation of every attention head's values, undone in o_proj (exact, exportable; "
+                         "started at a random Hadamard; off by default; not on fused-qkv families)")
         recipe_flag(g, "--weights", field="training.weights", choices=("auto", "rtn", "gptq"),
                     help="rounding after training: gptq = llm-compressor's GPTQ on the folded model (learned clipping "
                          "not used; the authors' code); rtn = round to nearest with the learned clipping; auto = gptq, "

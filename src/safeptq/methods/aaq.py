@@ -137,6 +137,7 @@ class AAQ(Method):
         from ..archs import spec_of_model
         from ..memory import phase_peak
         from ..quant.e2e import E2EConfig, calibrate_end_to_end, choose_transforms
+        from ..quant.smoothing import DEFAULT_PAIRS
         from ..quant.precision import resolve_precision
 
         r, t, lm = s.recipe, s.recipe.training, s.lm
@@ -144,6 +145,7 @@ class AAQ(Method):
         cfg = E2EConfig(scheme=s.scheme, steps=t.steps, batch_size=t.batch_size, lr_rotation=t.lr_rotation,
                         lr_smoothing=t.lr_smoothing, lr_lwc=t.lr_lwc, rotation=t.rotation != "off",
                         online_hadamard=False, smoothing=t.smoothing != "off", smooth_alpha=t.smooth_alpha,
+                        smooth_pairs=DEFAULT_PAIRS + (("up_down",) if t.up_down else ()), vo_rotation=t.vo_rotation,
                         lwc=t.lwc, save_every=s.options.save_every, seed=r.seed, device=str(s.device),
                         precision=resolve_precision(r.precision, s.device),
                         checkpointing=self.checkpointing(s.options, s.device))
@@ -203,7 +205,9 @@ class AAQ(Method):
         record = {
             "formula": r.objective.formula(),
             "transforms": {"rotation": cfg.rotation, "online_hadamard": cfg.use_online_hadamard,
-                           "smoothing": cfg.smoothing, "lwc": cfg.lwc},
+                           "smoothing": cfg.smoothing, "smooth_pairs": list(cfg.smooth_pairs) if cfg.smoothing else [],
+                           "vo_rotation": sorted(int(i) for i in res.head_rotation_layers) if cfg.vo_rotation else [],
+                           "lwc": cfg.lwc},
             "precision": cfg.precision, "checkpointing": cfg.checkpointing,
             "references": ref_info, "phases": phases, "transform_search": init_search,
             "loss": {"start": res.loss_start, "end": res.loss_end,

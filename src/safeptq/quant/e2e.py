@@ -60,12 +60,15 @@ from safeptq.quant.qlinear import (
     wrap_decoder_layer,
 )
 from safeptq.quant.quantizer import QuantizedWeight, WeightQuantizer
+from safeptq.archs import spec_of_layer
 from safeptq.quant.rotation import (
     CayleyRotation,
     OnlineHadamard,
     add_online_hadamard,
+    attach_head_rotation,
     attach_residual_rotation,
     decoder_parts,
+    fold_head_rotation,
     fold_residual_rotation,
     fuse_residual_rotation,
     random_hadamard,
@@ -73,6 +76,7 @@ from safeptq.quant.rotation import (
 from safeptq.quant.smoothing import (
     DEFAULT_PAIRS,
     PAIRS,
+    LayerGeometry,
     LayerSmoothing,
     attach_smoothing,
     fold_smoothing,
@@ -110,6 +114,9 @@ class E2EConfig:
     smoothing: bool = True
     smooth_alpha: float = 0.5
     smooth_pairs: tuple[str, ...] = DEFAULT_PAIRS
+    # a learnable rotation of every attention head's values, undone in o_proj (exact; OSTQuant's v/o transform);
+    # layers of families where v is fused with q and k keep none
+    vo_rotation: bool = False
     lwc: bool = True
     save_every: int = 20  # checkpoint every N steps (with a work dir; 0 = only at the end)
     seed: int = 0
@@ -173,6 +180,7 @@ class E2EResult:
     resumed_from: int = 0
     terms_start: dict[str, float] | None = None
     terms_end: dict[str, float] | None = None
+    head_rotation_layers: list[str] = field(default_factory=list)  # layers that got a v/o head rotation
 
     @property
     def losses(self) -> list[float]:
@@ -187,12 +195,15 @@ class E2EResult:
 
 
 class E2ETransforms(nn.Module):
-    """The learnable transforms attached to a model: one residual rotation and per-layer smoothing."""
+    """The learnable transforms attached to a model: one residual rotation, per-layer smoothing and (optionally)
+    per-layer rotations of the attention heads' values."""
 
-    def __init__(self, rotation: CayleyRotation | None, smoothing: list[LayerSmoothing]) -> None:
+    def __init__(self, rotation: CayleyRotation | None, smoothing: list[LayerSmoothing],
+                 head_rotations: dict[str, CayleyRotation] | None = None) -> None:
         super().__init__()
         self.rotation = rotation
         self.smoothing = nn.ModuleList(smoothing)
+        self.head_rotations = nn.ModuleDict(head_rotations or {})  # by layer index
 
 
 # --- prepare / fold / finish -----------------------------------------------------------------------
@@ -233,14 +244,19 @@ def prepare_end_to_end(model: nn.Module, calib: CalibSet, cfg: E2EConfig) -> E2E
     if cfg.rotation:
         rotation = CayleyRotation(hidden, init=torch.eye(hidden, dtype=torch.float64)).to(device)
         attach_residual_rotation(model, rotation)
-    smoothing = []
+    smoothing, heads = [], {}
     for i, layer in enumerate(layers):
         if cfg.smoothing:
             sm = init_smoothing(layer, stats[i], cfg.smooth_alpha, cfg.smooth_pairs).to(device)
             attach_smoothing(layer, sm)
             smoothing.append(sm)
+        if cfg.vo_rotation and "vo" not in spec_of_layer(layer).not_equivalent:
+            # started at a random Hadamard (QuaRot's R2), then learnt (SpinQuant / OSTQuant)
+            rot = CayleyRotation(LayerGeometry.of(layer).head_dim, seed=cfg.seed + 1000 + i).to(device)
+            attach_head_rotation(layer, rot)
+            heads[str(i)] = rot
         wrap_decoder_layer(layer, cfg.scheme, lwc=cfg.lwc, prefix=f"model.layers.{i}.")
-    return E2ETransforms(rotation, smoothing)
+    return E2ETransforms(rotation, smoothing, heads)
 
 
 @torch.no_grad()
@@ -254,6 +270,8 @@ def fold_end_to_end(model: nn.Module, transforms: E2ETransforms) -> None:
     _, layers, _, _ = decoder_parts(model)
     for layer, sm in zip(layers, transforms.smoothing):
         fold_smoothing(layer, sm)
+    for i, rot in transforms.head_rotations.items():  # attached after the smoothing: folded after it
+        fold_head_rotation(layers[int(i)], rot)
 
 
 @torch.no_grad()
@@ -282,6 +300,10 @@ def _named_trainables(model: nn.Module, transforms: E2ETransforms, cfg: E2EConfi
     if transforms.rotation is not None:
         named["rotation.weight"] = transforms.rotation.weight
         groups.append({"params": [transforms.rotation.weight], "lr": cfg.lr_rotation, "name": "rotation"})
+    heads = {f"head_rotations.{i}.weight": r.weight for i, r in transforms.head_rotations.items()}
+    if heads:
+        named.update(heads)
+        groups.append({"params": list(heads.values()), "lr": cfg.lr_rotation, "name": "head_rotation"})
     sm = {f"smoothing.{n}": p for n, p in transforms.smoothing.named_parameters()}
     if sm:
         named.update(sm)
@@ -552,4 +574,5 @@ def calibrate_end_to_end(model: nn.Module, calib: CalibSet, objective: E2EObject
     rss, acc = peak_memory_mb()
     return E2EResult(qparams=qparams, records=records, loss_start=loss_start, loss_end=loss_end,
                      fold_rel_err=fold_err, wall_time_s=time.time() - t0, peak_rss_mb=rss, peak_accel_mb=acc,
-                     resumed_from=start, terms_start=terms_start, terms_end=terms_end)
+                     resumed_from=start, terms_start=terms_start, terms_end=terms_end,
+                     head_rotation_layers=list(transforms.head_rotations.keys()))

@@ -53,6 +53,8 @@ __all__ = [
     "attach_residual_rotation",
     "detach_residual_rotation",
     "fold_residual_rotation",
+    "attach_head_rotation",
+    "fold_head_rotation",
 ]
 
 READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
@@ -416,3 +418,63 @@ def fold_residual_rotation(model: nn.Module, rotation: CayleyRotation) -> None:
         _rotate_weights(model, q)  # norms were folded at attach time
     else:
         fuse_residual_rotation(model, q)
+
+
+# --- per-head rotation of v_proj's output and o_proj's input (SpinQuant's R2, OSTQuant's v/o transform) -----
+_HEAD_KEY = "head_rotation"
+
+
+def _head_rows_tf(rot: CayleyRotation, kv_heads: int, head_dim: int):
+    """v_proj: every kv head's rows ``W_j ← Rᵀ W_j`` (and bias), so each head's value is ``v_j R``."""
+    def fn(w, b):
+        r = rot.matrix(w.dtype).to(w.device)
+        w2 = torch.einsum("de,kdh->keh", r, w.reshape(kv_heads, head_dim, -1)).reshape(w.shape)
+        b2 = None if b is None else torch.einsum("de,kd->ke", r, b.reshape(kv_heads, head_dim)).reshape(b.shape)
+        return w2, b2
+
+    return fn
+
+
+def _head_cols_tf(rot: CayleyRotation, heads: int, head_dim: int):
+    """o_proj: every query head's columns ``W_i ← W_i R``, undoing the rotation of the values it reads."""
+    def fn(w, b):
+        r = rot.matrix(w.dtype).to(w.device)
+        return torch.einsum("oid,de->oie", w.reshape(w.shape[0], heads, head_dim), r).reshape(w.shape), b
+
+    return fn
+
+
+def attach_head_rotation(layer: nn.Module, rot: CayleyRotation) -> None:
+    """Rotate the values of every attention head by one learnable ``head_dim`` rotation and undo it in o_proj:
+    exact (attention mixes values across positions, never across their channels), and the KV cache and
+    o_proj's input are quantized in the rotated basis. Shared by a kv head's query heads under GQA."""
+    from safeptq.quant.smoothing import LayerGeometry, _ensure_wrapped
+
+    spec = spec_of_layer(layer)
+    if "vo" in spec.not_equivalent:
+        raise ConfigError(f"a v/o head rotation is not an equivalent transform on {spec.family}: "
+                          f"{spec.not_equivalent['vo']}")
+    g = LayerGeometry.of(layer)
+    if rot.q0.shape[0] != g.head_dim:
+        raise ConfigError(f"head rotation of order {rot.q0.shape[0]} for head_dim {g.head_dim}")
+    _ensure_wrapped(layer, "self_attn.v_proj").add_weight_transform(_HEAD_KEY, _head_rows_tf(rot, g.num_kv_heads,
+                                                                                               g.head_dim))
+    _ensure_wrapped(layer, "self_attn.o_proj").add_weight_transform(_HEAD_KEY, _head_cols_tf(rot, g.num_heads,
+                                                                                               g.head_dim))
+    # a fresh matrix (and graph) for every forward, shared by v and o within it
+    rot._safeptq_hook = layer.self_attn.register_forward_pre_hook(lambda m, a: rot.clear_cache())
+
+
+@torch.no_grad()
+def fold_head_rotation(layer: nn.Module, rot: CayleyRotation) -> None:
+    """Bake an attached head rotation into v_proj and o_proj (it must be the front transform of both)."""
+    for name in ("self_attn.v_proj", "self_attn.o_proj"):
+        mod = layer.get_submodule(name)
+        if not isinstance(mod, QuantLinear) or _HEAD_KEY not in mod.transform_keys():
+            raise ConfigError(f"{name} carries no head rotation to fold")
+        rot.clear_cache()
+        mod.bake_transforms([_HEAD_KEY])
+    hook = getattr(rot, "_safeptq_hook", None)
+    if hook is not None:
+        hook.remove()
+        rot._safeptq_hook = None

@@ -187,8 +187,29 @@ def _second_half_rows_div(s):
     return fn
 
 
-def _plan(sm: LayerSmoothing, spec: ArchSpec) -> tuple[list[tuple[str, object]], list[tuple[str, str]]]:
-    """(linear transforms, norm divisions) implementing ``sm`` on a layer of family ``spec``."""
+def _cols_mul_before(s, h: torch.Tensor):
+    """Columns * s in the basis *before* an online input transform ``x ↦ x Hᵀ`` (stored weight ``W Hᵀ``): the scale
+    must meet the activation before the Hadamard mixes its channels, so ``W Hᵀ ↦ (W Hᵀ H) diag(s) Hᵀ``."""
+    def fn(w, b):
+        hh = h.to(w)
+        return ((w @ hh) * s().to(w)) @ hh.T, b
+
+    return fn
+
+
+def _online_matrix(layer: nn.Module, name: str) -> torch.Tensor | None:
+    """The ``H`` of an online Hadamard on ``name``'s input (a QuantLinear's, or a plain linear's hook), if any."""
+    mod = layer.get_submodule(name)
+    t = getattr(mod, "input_transform", None)
+    if t is None and isinstance(mod, QuantLinear):
+        t = getattr(mod.linear, "input_transform", None)
+    return getattr(t, "h", None)
+
+
+def _plan(sm: LayerSmoothing, spec: ArchSpec, layer: nn.Module | None = None
+          ) -> tuple[list[tuple[str, object]], list[tuple[str, str]]]:
+    """(linear transforms, norm divisions) implementing ``sm`` on a layer of family ``spec`` (``layer``: to see
+    online Hadamards on down_proj's input, which the up→down scale has to pass before)."""
     g = sm.geometry
     spec.check_pairs(sm.pairs)
     lin: list[tuple[str, object]] = []
@@ -210,7 +231,9 @@ def _plan(sm: LayerSmoothing, spec: ArchSpec) -> tuple[list[tuple[str, object]],
     if "up_down" in sm.scales:
         div = _second_half_rows_div if spec.mlp_up_offset else _rows_div
         lin.append((spec.mlp_up, div(lambda: sm.scale("up_down"))))
-        lin.append((spec.mlp_writer, _cols_mul(lambda: sm.scale("up_down"))))
+        h = None if layer is None else _online_matrix(layer, spec.mlp_writer)
+        scale = lambda: sm.scale("up_down")  # noqa: E731
+        lin.append((spec.mlp_writer, _cols_mul(scale) if h is None else _cols_mul_before(scale, h)))
     return lin, norms
 
 
@@ -234,7 +257,8 @@ def record_smoothing_stats(layer: nn.Module):
     sub = layer.get_submodule
     for name, key in ((spec.attn_readers[0], "attn_in"), (spec.mlp_readers[0], "mlp_in"), (spec.attn_writer, "o_in"),
                       (spec.mlp_writer, "down_in")):
-        hooks.append(sub(name).register_forward_pre_hook(lambda m, a, key=key: keep(key, a[0])))
+        # prepend: ahead of an online Hadamard's pre-hook, so the statistic is in the basis the scale acts in
+        hooks.append(sub(name).register_forward_pre_hook(lambda m, a, key=key: keep(key, a[0]), prepend=True))
     if not spec.fused:
         for name, key in (("self_attn.q_proj", "q_out"), ("self_attn.k_proj", "k_out")):
             hooks.append(sub(name).register_forward_hook(lambda m, a, out, key=key: keep(key, out)))
@@ -288,7 +312,13 @@ def init_smoothing(
             w = _col_absmax(layer, ("self_attn.o_proj",))
             s = _smooth(g.reduce_query_heads(stats["o_in"]), g.reduce_query_heads(w), alpha)
         elif pair == "up_down" and "down_in" in stats:
-            s = _smooth(stats["down_in"], _col_absmax(layer, (spec.mlp_writer,)), alpha)
+            h = _online_matrix(layer, spec.mlp_writer)
+            if h is None:
+                w = _col_absmax(layer, (spec.mlp_writer,))
+            else:  # the stored weight is W Hᵀ; the scale acts on W's own columns
+                stored = base_linear(layer.get_submodule(spec.mlp_writer)).weight.detach().double()
+                w = (stored @ h.to(stored)).abs().amax(0).float()
+            s = _smooth(stats["down_in"], w, alpha)
         elif pair == "qk" and "q_out" in stats and "k_out" in stats:
             q = g.reduce_rope_pairs(g.reduce_query_heads(stats["q_out"]))
             k = g.reduce_rope_pairs(stats["k_out"])
@@ -318,7 +348,7 @@ def attach_smoothing(layer: nn.Module, smoothing: LayerSmoothing) -> None:
     spec = spec_of_layer(layer)
     if any(isinstance(layer.get_submodule(n), ScaledNorm) for n in (spec.attn_norm, spec.mlp_norm)):
         raise ConfigError("smoothing is already attached to this layer")
-    lin, norms = _plan(smoothing, spec)
+    lin, norms = _plan(smoothing, spec, layer)
     for name, fn in lin:
         _ensure_wrapped(layer, name).add_weight_transform(_KEY, fn)
     for norm_name, pair in norms:
@@ -355,7 +385,7 @@ def fold_smoothing(layer: nn.Module, smoothing: LayerSmoothing) -> None:
     else:
         if LayerGeometry.of(layer) != smoothing.geometry:
             raise ConfigError("smoothing scales were built for a layer of another shape")
-        lin, _ = _plan(smoothing, spec)
+        lin, _ = _plan(smoothing, spec, layer)
         for name, fn in lin:
             mod = layer.get_submodule(name)
             if isinstance(mod, QuantLinear) and mod.transform_keys():

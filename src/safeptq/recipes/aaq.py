@@ -100,6 +100,8 @@ class E2ETraining(RecipeModel):
     smoothing: Literal["auto", "on", "off"] = "auto"
     lwc: bool = True
     smooth_alpha: float = Field(0.5, ge=0, le=1)
+    up_down: bool = Field(False, description="also smooth up_proj -> down_proj (OSTQuant's pair)")
+    vo_rotation: bool = Field(False, description="learn a rotation of every attention head's values, undone in o_proj")
     weights: Literal["auto", "rtn", "gptq"] = "auto"
 
 

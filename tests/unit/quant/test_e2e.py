@@ -165,3 +165,31 @@ def test_transform_search_picks_the_lowest_initial_kl_and_leaves_the_model(calib
     assert only[1]["initial_kl"] == pytest.approx(table[3]["initial_kl"], rel=1e-5)
     assert initial_kl(model, calib, objective, refs, _cfg("w4a8", rotation=True, smoothing=True)) == \
         pytest.approx(table[3]["initial_kl"], rel=1e-6)
+
+
+def test_full_transforms_fold_exactly_and_train(calib, refs):
+    """The v/o head rotations and the up->down smoothing pair: equivalences when attached (perturbed too), folded
+    exactly, trained as parameters of their own, and resumable under their names."""
+    x = ids()
+    ref = logits(sharp_llama(0), x)
+    model = sharp_llama(0)
+    cfg = _cfg("w4a4", vo_rotation=True, smooth_pairs=("attn_in", "mlp_in", "vo", "qk", "up_down"))
+    tf = prepare_end_to_end(model, calib, cfg)
+    assert sorted(tf.head_rotations) == [str(i) for i in range(len(model.model.layers))]
+    assert all("up_down" in sm.pairs for sm in tf.smoothing)
+    set_quantizers_enabled(model, False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for r in tf.head_rotations.values():
+            r.weight.copy_(0.05 * torch.randn(r.weight.shape, generator=gen))
+        for p in tf.smoothing.parameters():
+            p.mul_(torch.exp(0.3 * torch.randn(p.shape, generator=gen)))
+    assert rel_err(ref, logits(model, x)) < 1e-4
+    fold_end_to_end(model, tf)
+    assert rel_err(ref, logits(model, x)) < 1e-4
+    assert all(not m.transform_keys() for m in model.modules() if isinstance(m, QuantLinear))
+
+    trained = sharp_llama(0)
+    res = calibrate_end_to_end(trained, calib, KLTop(k=64), refs, cfg, progress=False)
+    assert res.loss_end < res.loss_start and res.fold_rel_err <= 1e-4
+    assert res.head_rotation_layers == [str(i) for i in range(len(trained.model.layers))]
