@@ -340,6 +340,9 @@ def _simulate_stored_activation_quant(model, path: str) -> None:
     from .quant.deploy import attach_act_quant
     from .quant.rotation import decoder_parts
 
+    from .export.compressed_tensors import attach_online_transforms
+
+    attach_online_transforms(model, path, info)  # before the activation quantizers: they read the transformed input
     scheme = Scheme.model_validate(info["scheme"])
     for layer in decoder_parts(model)[1]:
         attach_act_quant(layer, scheme)

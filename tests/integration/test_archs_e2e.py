@@ -58,3 +58,32 @@ def test_aaq_full_transforms(family_model, shared_data, tmp_path):
     t = q.record["transforms"]
     assert "up_down" in t["smooth_pairs"]
     assert t["vo_rotation"] == ([] if family == "phi3" else [0, 1])
+
+
+def test_aaq_online_hadamard_is_stored_with_the_fake_quant_export(family_model, shared_data, tmp_path):
+    """W4A8 with an online Hadamard on every down_proj input: the export stores the matrices and a reload applies
+    them before the activation quantizers (the save's reload check compares logits, so a reload without them
+    fails it); served schemes and GPTQ weights are refused before any work."""
+    import json
+
+    from safeptq.errors import ConfigError
+    from safeptq.models import load_model
+    from safeptq.quant.rotation import OnlineHadamard
+
+    family, model = family_model
+    out = tmp_path / "o"
+    q = safeptq.aaq(str(model), objective="kl_top", scheme="w4a8", steps=2, topk=16, replies=0, rotation="off",
+                    online_hadamard=True, calib="wikitext2:calib", weights="rtn", out=out, data_dir=str(shared_data),
+                    **FAST)
+    _check(q, out, "dense")
+    side = json.loads((out / "safeptq_quant.json").read_text())
+    assert side["online_transforms"]["layers"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert (out / "safeptq_online.safetensors").is_file()
+    assert "run-time op" in (out / "README.md").read_text()
+    lm = load_model(str(out))
+    assert isinstance(lm.model.model.layers[1].mlp.down_proj.input_transform, OnlineHadamard)
+    for kw, needle in (({"scheme": "w4a16", "weights": "rtn"}, "cannot carry"),
+                       ({"scheme": "w4a8", "weights": "gptq"}, "not supported with GPTQ weights")):
+        with pytest.raises(ConfigError, match=needle):
+            safeptq.aaq(str(model), objective="kl_top", online_hadamard=True, out=tmp_path / "x", **kw)
+    assert not (tmp_path / "x").exists()

@@ -93,6 +93,9 @@ class AAQCommand(Command):
         recipe_flag(g, "--vo-rotation", field="training.vo_rotation", action="store_const", const=True,
                     help="learn a rotation of every attention head's values, undone in o_proj (exact, exportable; "
                          "started at a random Hadamard; off by default; not on fused-qkv families)")
+        recipe_flag(g, "--online-hadamard", field="training.online_hadamard", action="store_const", const=True,
+                    help="a random Hadamard on every down_proj input, applied online (QuaRot / OSTQuant); fake-quant "
+                         "schemes with --weights rtn only; the export stores the matrices and reloads apply them")
         recipe_flag(g, "--weights", field="training.weights", choices=("auto", "rtn", "gptq"),
                     help="rounding after training: gptq = llm-compressor's GPTQ on the folded model (learned clipping "
                          "not used; the authors' code); rtn = round to nearest with the learned clipping; auto = gptq, "

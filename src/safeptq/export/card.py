@@ -68,6 +68,11 @@ def model_card(record: dict, recipe_yaml: str) -> str:
                   "compressed-tensors. Activation and KV-cache quantization are not stored: transformers and vLLM "
                   "run it without them. `safeptq eval --model THIS_FOLDER` re-applies them from "
                   "`safeptq_quant.json`, so its numbers are the quantized model's.", ""]
+        if (record.get("transforms") or {}).get("online_hadamard"):
+            lines += ["It also needs a **run-time op**: every `mlp.down_proj` input is multiplied by an orthogonal "
+                      "Hadamard-like matrix (`x @ H.T`, stored in `safeptq_online.safetensors` under the layer's "
+                      "name; the weights already hold `W @ H.T`). `safeptq eval` and `safeptq.load_model` apply it; "
+                      "plain transformers does not, and without it the outputs are wrong.", ""]
     else:
         lines += ["vLLM (compressed-tensors is read natively):", "", "```python", "from vllm import LLM",
                   "llm = LLM(model=\"THIS_FOLDER\")", "```", ""]

@@ -46,6 +46,9 @@ from safeptq.quant.quantizer import ActQuantizer, QuantizedWeight
 
 __all__ = [
     "SIDE_FILE",
+    "ONLINE_FILE",
+    "online_transforms",
+    "attach_online_transforms",
     "README_FILE",
     "DENSE",
     "quantized_linears",
@@ -68,11 +71,40 @@ def _ignored(name: str) -> bool:
     return any(name == ig or name.endswith("." + ig) for ig in DEFAULT_IGNORE)
 
 
-def quantized_linears(model: nn.Module) -> dict[str, nn.Linear]:
+ONLINE_FILE = "safeptq_online.safetensors"  # the online input transforms of a fake-quant export
+
+
+def online_transforms(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{linear name: H}`` of every linear whose input is transformed online (``x ↦ x Hᵀ``)."""
+    return {name: m.input_transform.h for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and getattr(m, "_safeptq_input_hook", None) is not None
+            and hasattr(m.input_transform, "h")}
+
+
+def attach_online_transforms(model: nn.Module, folder: str | Path, info: Mapping) -> int:
+    """Put back the online input transforms a fake-quant export stores (``info``: its side file); returns how many.
+    Call before attaching activation quantizers: their pre-hooks must see the transformed input."""
+    online = info.get("online_transforms")
+    if not online:
+        return 0
+    from safetensors.torch import load_file
+
+    from safeptq.quant.qlinear import attach_input_transform
+    from safeptq.quant.rotation import OnlineHadamard
+
+    mats = load_file(str(Path(folder) / online["file"]))
+    for name in online["layers"]:
+        lin = model.get_submodule(name)
+        attach_input_transform(lin, OnlineHadamard(mats[name]).to(lin.weight.device))
+    return len(online["layers"])
+
+
+def quantized_linears(model: nn.Module, allow_online: bool = False) -> dict[str, nn.Linear]:
     """The linears the export quantizes (every ``nn.Linear`` but ``lm_head``).
 
     Raises :class:`ExportError` for layers that a checkpoint cannot represent: unfolded
-    ``QuantLinear`` wrappers and linears carrying an online input transform (Hadamard).
+    ``QuantLinear`` wrappers and (unless ``allow_online``: a fake-quant export stores them beside the
+    weights) linears carrying an online input transform (Hadamard).
     """
     from safeptq.quant.qlinear import QuantLinear
 
@@ -84,7 +116,7 @@ def quantized_linears(model: nn.Module) -> dict[str, nn.Linear]:
             )
         if not isinstance(module, nn.Linear) or _ignored(name):
             continue
-        if getattr(module, "_safeptq_input_hook", None) is not None:
+        if getattr(module, "_safeptq_input_hook", None) is not None and not allow_online:
             raise ExportError(
                 f"layer {name!r} applies an online input transform (Hadamard) that neither "
                 "compressed-tensors nor a dense checkpoint can store; export a scheme without "
@@ -209,7 +241,11 @@ def export_compressed(
     out = Path(out_dir)
     check_target(out)
     fmt = serving_format(scheme)
-    linears = quantized_linears(model)
+    online = online_transforms(model)
+    if online and fmt.served:
+        raise ExportError(f"{next(iter(online))} applies an online Hadamard, which a {fmt.format} checkpoint cannot "
+                          "carry and vLLM would not run; use it with a fake-quant scheme (w4a8, w4a4, w4a4kv4)")
+    linears = quantized_linears(model, allow_online=True)
     params = _layer_qparams(linears, scheme, qparams)
     info = {
         "safeptq_version": __version__,
@@ -223,6 +259,11 @@ def export_compressed(
         "layers": list(linears),
         "metadata": dict(metadata or {}),
     }
+    if online:
+        info["online_transforms"] = {
+            "file": ONLINE_FILE, "layers": sorted(online),
+            "op": "x -> x @ H.T on the layer's input, before its activation quantizer (H orthogonal, in the file "
+                  "under the layer's name); the stored weight is already W @ H.T"}
     with atomic_folder(out) as tmp:
         if fmt.served:
             work, compressor = _compress_copy(model, scheme, fmt.format, params)
@@ -232,6 +273,10 @@ def export_compressed(
         else:
             _save(model, tokenizer, tmp)
             (tmp / README_FILE).write_text(_readme(scheme, fmt))
+            if online:
+                from safetensors.torch import save_file
+
+                save_file({k: v.detach().float().contiguous().cpu() for k, v in online.items()}, str(tmp / ONLINE_FILE))
         (tmp / SIDE_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
     log.info("exported %s (%s, %d layers) to %s", scheme.name, info["format"], len(linears), out)
     return out
@@ -369,6 +414,7 @@ def reload_check(out_dir: str | Path, reference_model: nn.Module, input_ids: tor
     except Exception as e:  # noqa: BLE001 - any failure falls back to the library's own loader
         log.warning("transformers could not load/run %s (%s); using compressed-tensors decompression", out, e)
         model, path = _reload_ct(out, dtype), "compressed-tensors"
+    attach_online_transforms(model, out, info)
     ids = input_ids.to(next(reference_model.parameters()).device)
     # a model quantized by llm-compressor runs compressed-tensors' activation QDQ itself: off for
     # the weights-only comparison, as on the reloaded side

@@ -46,6 +46,17 @@ class AAQ(Method):
         return recipe.training.weights == "gptq"  # the folded model is saved there for llm-compressor
 
     def check(self, recipe, options: RunOptions) -> None:
+        if recipe.training.online_hadamard:
+            from ..export.compressed_tensors import serving_format
+
+            fmt = serving_format(recipe.resolved_scheme())
+            if fmt.served:
+                raise ConfigError(f"--online-hadamard needs a run-time op that a {fmt.format} checkpoint cannot carry "
+                                  "and vLLM would not run; use a fake-quant scheme (w4a8, w4a4, w4a4kv4)")
+            if recipe.training.weights == "gptq" or (recipe.training.weights == "auto" and
+                                                      recipe.resolved_scheme().kv_cache is None):
+                raise ConfigError("--online-hadamard is not supported with GPTQ weights (llm-compressor's exporter "
+                                  "does not store the run-time op); add --weights rtn")
         if recipe.training.weights == "gptq":
             from ..baselines import llmcompressor as lc
 
@@ -144,7 +155,7 @@ class AAQ(Method):
         objective = self.make_objective(r)
         cfg = E2EConfig(scheme=s.scheme, steps=t.steps, batch_size=t.batch_size, lr_rotation=t.lr_rotation,
                         lr_smoothing=t.lr_smoothing, lr_lwc=t.lr_lwc, rotation=t.rotation != "off",
-                        online_hadamard=False, smoothing=t.smoothing != "off", smooth_alpha=t.smooth_alpha,
+                        online_hadamard=t.online_hadamard, smoothing=t.smoothing != "off", smooth_alpha=t.smooth_alpha,
                         smooth_pairs=DEFAULT_PAIRS + (("up_down",) if t.up_down else ()), vo_rotation=t.vo_rotation,
                         lwc=t.lwc, save_every=s.options.save_every, seed=r.seed, device=str(s.device),
                         precision=resolve_precision(r.precision, s.device),

@@ -102,6 +102,8 @@ class E2ETraining(RecipeModel):
     smooth_alpha: float = Field(0.5, ge=0, le=1)
     up_down: bool = Field(False, description="also smooth up_proj -> down_proj (OSTQuant's pair)")
     vo_rotation: bool = Field(False, description="learn a rotation of every attention head's values, undone in o_proj")
+    online_hadamard: bool = Field(False, description="a random Hadamard on down_proj's input, applied online at run "
+                                                     "time (fake-quant schemes; stored with the export)")
     weights: Literal["auto", "rtn", "gptq"] = "auto"
 
 
