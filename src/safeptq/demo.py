@@ -145,18 +145,40 @@ def _report(out: Path, aaq_dir: str, scheme: str) -> None:
                  title="safeptq demo: restoring (Q-realign) and keeping (AAQ) safety through quantization")
 
 
-def _claim(out: Path) -> None:
-    """The demo writes only into a folder it created (its marker) or an empty / new one."""
-    from .runs import write_json_atomic
+def _settings(opts: DemoOptions) -> dict:
+    """What the demo's runs depend on: a resumed demo must use the same, or its runs would not pair."""
+    return {"limit": opts.limit, "ppl_windows": opts.ppl_windows, "aaq_scheme": opts.aaq_scheme, "base": opts.base,
+            "organism": str(opts.organism) if opts.organism else None,
+            "realign_overrides": opts.realign_overrides, "aaq_overrides": opts.aaq_overrides}
+
+
+def _claim(out: Path, opts: DemoOptions) -> None:
+    """The demo writes only into a folder it created (its marker) or an empty / new one, and resumes only with
+    the settings it started with."""
+    import json
+
     from . import __version__
+    from .runs import json_safe, write_json_atomic
 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"demo output {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARKER).is_file():
+    marker = out / DEMO_MARKER
+    if out.is_dir() and any(out.iterdir()) and not marker.is_file():
         raise ConfigError(f"refusing to use {out}: it exists and was not created by safeptq demo; choose another --out")
+    want = json_safe(_settings(opts))
+    if marker.is_file():
+        try:
+            had = json.loads(marker.read_text()).get("settings")
+        except (OSError, ValueError):
+            had = None
+        if had is not None and had != want:
+            k = next(k for k in want if had.get(k) != want[k])
+            raise ConfigError(f"{out} holds a demo started with {k}={had.get(k)!r} (now {want[k]!r}); resume it with "
+                              "the same settings or choose another --out")
+        return
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / DEMO_MARKER).is_file():
-        write_json_atomic(out / DEMO_MARKER, {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "version": __version__})
+    write_json_atomic(marker, {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "version": __version__,
+                               "settings": want})
 
 
 def run_demo(opts: DemoOptions | None = None, say: Callable[[str], None] = _say) -> dict:
@@ -168,7 +190,7 @@ def run_demo(opts: DemoOptions | None = None, say: Callable[[str], None] = _say)
     stages = plan_demo(opts)
     out = Path(opts.out).expanduser()
     with FolderLock(out):
-        _claim(out)
+        _claim(out, opts)
         todo = [s for s in stages if not s.done()]
         states = {s.name: ("to do" if s in todo else s.cached_note) for s in stages}
         say(f"safeptq demo -> {out}")

@@ -66,3 +66,14 @@ def test_demo_refuses_a_folder_it_did_not_create(organism, shared_data, tmp_path
     cli_error(capsys, ["demo", "--organism", organism, "--out", out, "--data-dir", shared_data],
               "was not created by safeptq demo")
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_demo_resumes_only_with_its_own_settings(organism, shared_data, tmp_path, capsys):
+    from safeptq.demo import DEMO_MARKER, _claim
+
+    out = tmp_path / "d"
+    _claim(out, _opts(organism, out, shared_data))
+    assert (out / DEMO_MARKER).is_file()
+    _claim(out, _opts(organism, out, shared_data))  # the same settings: fine
+    cli_error(capsys, ["demo", "--organism", organism, "--out", out, "--limit", "3", "--ppl-windows", "1",
+                       "--data-dir", shared_data], "started with limit=2")
