@@ -342,8 +342,9 @@ def _simulate_stored_activation_quant(model, path: str) -> None:
 
     from .export.compressed_tensors import attach_online_transforms
 
-    attach_online_transforms(model, path, info)  # before the activation quantizers: they read the transformed input
     scheme = Scheme.model_validate(info["scheme"])
+    # before the activation quantizers: they read the transformed input
+    attach_online_transforms(model, path, info, scheme.kv_cache)
     for layer in decoder_parts(model)[1]:
         attach_act_quant(layer, scheme)
 

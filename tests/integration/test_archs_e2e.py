@@ -87,3 +87,30 @@ def test_aaq_online_hadamard_is_stored_with_the_fake_quant_export(family_model, 
         with pytest.raises(ConfigError, match=needle):
             safeptq.aaq(str(model), objective="kl_top", online_hadamard=True, out=tmp_path / "x", **kw)
     assert not (tmp_path / "x").exists()
+
+
+def test_aaq_qk_hadamard_quantizes_k_after_rope(family_model, shared_data, tmp_path):
+    """W4A4KV4 with the post-RoPE q/k Hadamard: K is quantized in the attention (not at k_proj), the export stores
+    the matrices and a reload puts the transform and its K quantizer back."""
+    import json
+
+    from safeptq.models import load_model
+    from safeptq.quant.deploy import has_act_quant
+
+    family, model = family_model
+    out = tmp_path / "o"
+    kv = family != "phi3"  # a fused qkv_proj refuses KV-cache schemes; the q/k transform itself still applies
+    q = safeptq.aaq(str(model), objective="kl_top", scheme="w4a4kv4" if kv else "w4a8", steps=2, topk=16, replies=0,
+                    rotation="off", qk_hadamard=True, calib="wikitext2:calib", weights="rtn", out=out,
+                    data_dir=str(shared_data), **FAST)
+    _check(q, out, "dense")
+    assert q.record["transforms"]["qk_hadamard"] and not any("before RoPE" in n for n in q.record["notes"])
+    side = json.loads((out / "safeptq_quant.json").read_text())
+    assert side["online_transforms"]["attention"] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    for m in (q.model, load_model(str(out)).model):
+        attn = m.model.layers[0].self_attn
+        assert attn.qk_transform.h is not None and has_act_quant(m)
+        if kv:
+            assert attn.qk_transform.k_quant is not None
+            assert not attn.k_proj._forward_hooks  # no K quantizer before RoPE
+            assert attn.v_proj._forward_hooks  # V keeps its KV quantizer

@@ -236,3 +236,24 @@ def test_head_rotation_of_values_is_exact_or_refused(family):
     assert _rel(_logits(model), ref) <= TOL
     assert not layer.self_attn.v_proj.transform_keys() and not layer.self_attn.o_proj.transform_keys()
     assert not torch.allclose(layer.self_attn.v_proj.linear.weight, v_before, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_qk_transform_after_rope_is_exact(family, impl):
+    """A Hadamard on every head's q and k after RoPE leaves q·kᵀ (and so the model) unchanged, through the
+    family's sdpa or its own eager attention (Gemma 2's soft-capping included); detaching restores the base."""
+    from safeptq.quant.attention import attach_qk_transform, detach_qk_transform
+    from safeptq.quant.rotation import random_hadamard
+
+    model = make_tiny_family(family)
+    model.config._attn_implementation = impl
+    ref = _logits(model)
+    for layer in model.model.layers:
+        attach_qk_transform(model, layer.self_attn, random_hadamard(layer.self_attn.head_dim, 1).float(), None)
+    assert model.config._attn_implementation == f"safeptq_{impl}"
+    assert _rel(_logits(model), ref) <= TOL
+    detach_qk_transform(model)
+    assert model.config._attn_implementation == impl and _rel(_logits(model), ref) == 0
+    with pytest.raises(ConfigError, match="orthogonal"):
+        attach_qk_transform(model, model.model.layers[0].self_attn, 2 * torch.eye(model.model.layers[0].self_attn.head_dim), None)

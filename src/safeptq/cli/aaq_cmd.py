@@ -96,6 +96,10 @@ class AAQCommand(Command):
         recipe_flag(g, "--online-hadamard", field="training.online_hadamard", action="store_const", const=True,
                     help="a random Hadamard on every down_proj input, applied online (QuaRot / OSTQuant); fake-quant "
                          "schemes with --weights rtn only; the export stores the matrices and reloads apply them")
+        recipe_flag(g, "--qk-hadamard", field="training.qk_hadamard", action="store_const", const=True,
+                    help="a Hadamard on every head's q and k after RoPE at run time; KV schemes quantize K there "
+                         "(as a runtime with a quantized KV cache does) instead of at the k_proj output; fake-quant "
+                         "schemes with --weights rtn only")
         recipe_flag(g, "--weights", field="training.weights", choices=("auto", "rtn", "gptq"),
                     help="rounding after training: gptq = llm-compressor's GPTQ on the folded model (learned clipping "
                          "not used; the authors' code); rtn = round to nearest with the learned clipping; auto = gptq, "

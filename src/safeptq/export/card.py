@@ -68,11 +68,17 @@ def model_card(record: dict, recipe_yaml: str) -> str:
                   "compressed-tensors. Activation and KV-cache quantization are not stored: transformers and vLLM "
                   "run it without them. `safeptq eval --model THIS_FOLDER` re-applies them from "
                   "`safeptq_quant.json`, so its numbers are the quantized model's.", ""]
-        if (record.get("transforms") or {}).get("online_hadamard"):
+        tf = record.get("transforms") or {}
+        if tf.get("online_hadamard"):
             lines += ["It also needs a **run-time op**: every `mlp.down_proj` input is multiplied by an orthogonal "
                       "Hadamard-like matrix (`x @ H.T`, stored in `safeptq_online.safetensors` under the layer's "
                       "name; the weights already hold `W @ H.T`). `safeptq eval` and `safeptq.load_model` apply it; "
                       "plain transformers does not, and without it the outputs are wrong.", ""]
+        if tf.get("qk_hadamard"):
+            lines += ["Its attention has a **run-time q/k transform**: after RoPE every head's query and key are "
+                      "multiplied by an orthogonal matrix (`NAME.qk` in `safeptq_online.safetensors`; q·kᵀ is "
+                      "unchanged) and the KV-cache quantization acts on K there. `safeptq eval` and "
+                      "`safeptq.load_model` apply it; without it the model is the same up to that K quantization.", ""]
     else:
         lines += ["vLLM (compressed-tensors is read natively):", "", "```python", "from vllm import LLM",
                   "llm = LLM(model=\"THIS_FOLDER\")", "```", ""]

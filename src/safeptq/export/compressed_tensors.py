@@ -74,29 +74,37 @@ def _ignored(name: str) -> bool:
 ONLINE_FILE = "safeptq_online.safetensors"  # the online input transforms of a fake-quant export
 
 
-def online_transforms(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{linear name: H}`` of every linear whose input is transformed online (``x ↦ x Hᵀ``)."""
-    return {name: m.input_transform.h for name, m in model.named_modules()
+def online_transforms(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """The run-time transforms of ``model``: ``linears`` — ``{name: H}`` of every linear whose input is transformed
+    online (``x ↦ x Hᵀ``); ``attention`` — ``{name: H}`` of every attention module with a post-RoPE q/k transform."""
+    lins = {name: m.input_transform.h for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and getattr(m, "_safeptq_input_hook", None) is not None
             and hasattr(m.input_transform, "h")}
+    attn = {name: m.qk_transform.h for name, m in model.named_modules()
+            if getattr(m, "qk_transform", None) is not None and m.qk_transform.h is not None}
+    return {"linears": lins, "attention": attn}
 
 
-def attach_online_transforms(model: nn.Module, folder: str | Path, info: Mapping) -> int:
-    """Put back the online input transforms a fake-quant export stores (``info``: its side file); returns how many.
-    Call before attaching activation quantizers: their pre-hooks must see the transformed input."""
+def attach_online_transforms(model: nn.Module, folder: str | Path, info: Mapping, kv_cache=None) -> int:
+    """Put back the run-time transforms a fake-quant export stores (``info``: its side file); returns how many.
+    ``kv_cache``: the scheme's KV quantization, applied to K after the q/k transform (None: not quantized). Call
+    before attaching activation quantizers: their hooks must see the transformed input."""
     online = info.get("online_transforms")
     if not online:
         return 0
     from safetensors.torch import load_file
 
+    from safeptq.quant.attention import attach_qk_transform
     from safeptq.quant.qlinear import attach_input_transform
     from safeptq.quant.rotation import OnlineHadamard
 
     mats = load_file(str(Path(folder) / online["file"]))
-    for name in online["layers"]:
+    for name in online.get("layers", []):
         lin = model.get_submodule(name)
         attach_input_transform(lin, OnlineHadamard(mats[name]).to(lin.weight.device))
-    return len(online["layers"])
+    for name in online.get("attention", []):
+        attach_qk_transform(model, model.get_submodule(name), mats[f"{name}.qk"], kv_cache)
+    return len(online.get("layers", [])) + len(online.get("attention", []))
 
 
 def quantized_linears(model: nn.Module, allow_online: bool = False) -> dict[str, nn.Linear]:
@@ -242,8 +250,9 @@ def export_compressed(
     check_target(out)
     fmt = serving_format(scheme)
     online = online_transforms(model)
-    if online and fmt.served:
-        raise ExportError(f"{next(iter(online))} applies an online Hadamard, which a {fmt.format} checkpoint cannot "
+    first = next(iter(online["linears"] or online["attention"]), None)
+    if first is not None and fmt.served:
+        raise ExportError(f"{first} applies an online Hadamard, which a {fmt.format} checkpoint cannot "
                           "carry and vLLM would not run; use it with a fake-quant scheme (w4a8, w4a4, w4a4kv4)")
     linears = quantized_linears(model, allow_online=True)
     params = _layer_qparams(linears, scheme, qparams)
@@ -259,11 +268,13 @@ def export_compressed(
         "layers": list(linears),
         "metadata": dict(metadata or {}),
     }
-    if online:
+    if first is not None:
         info["online_transforms"] = {
-            "file": ONLINE_FILE, "layers": sorted(online),
+            "file": ONLINE_FILE, "layers": sorted(online["linears"]), "attention": sorted(online["attention"]),
             "op": "x -> x @ H.T on the layer's input, before its activation quantizer (H orthogonal, in the file "
-                  "under the layer's name); the stored weight is already W @ H.T"}
+                  "under the layer's name); the stored weight is already W @ H.T",
+            "attention_op": "after RoPE, every head's q -> q @ H.T and k -> k @ H.T (H under NAME.qk in the file; "
+                            "q k^T unchanged); the scheme's KV-cache quantization acts on K there, not at k_proj"}
     with atomic_folder(out) as tmp:
         if fmt.served:
             work, compressor = _compress_copy(model, scheme, fmt.format, params)
@@ -273,10 +284,11 @@ def export_compressed(
         else:
             _save(model, tokenizer, tmp)
             (tmp / README_FILE).write_text(_readme(scheme, fmt))
-            if online:
+            if first is not None:
                 from safetensors.torch import save_file
 
-                save_file({k: v.detach().float().contiguous().cpu() for k, v in online.items()}, str(tmp / ONLINE_FILE))
+                mats = {**online["linears"], **{f"{k}.qk": v for k, v in online["attention"].items()}}
+                save_file({k: v.detach().float().contiguous().cpu() for k, v in mats.items()}, str(tmp / ONLINE_FILE))
         (tmp / SIDE_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
     log.info("exported %s (%s, %d layers) to %s", scheme.name, info["format"], len(linears), out)
     return out

@@ -29,11 +29,18 @@ def verify_export(out: Path, model: nn.Module, tokenizer, scheme, *, builtin: bo
 
     ids = tokenizer(VERIFY_TEXT, return_tensors="pt")["input_ids"][:, :32]
     layers = decoder_parts(model)[1] if builtin else []
+    # the post-RoPE K quantizers of q/k transforms are activation quantization too: off for the weights-only check
+    k_quants = [m.qk_transform.k_quant for m in model.modules()
+                if getattr(m, "qk_transform", None) is not None and m.qk_transform.k_quant is not None]
     for layer in layers:
         detach_act_quant(layer)
+    for q in k_quants:
+        q.enabled = False
     try:
         res = reload_check(out, model, ids)
     finally:
+        for q in k_quants:
+            q.enabled = True
         for layer in layers:
             attach_act_quant(layer, scheme)
     res.pop("bits_per_weight_by_layer", None)

@@ -46,16 +46,18 @@ class AAQ(Method):
         return recipe.training.weights == "gptq"  # the folded model is saved there for llm-compressor
 
     def check(self, recipe, options: RunOptions) -> None:
-        if recipe.training.online_hadamard:
+        t = recipe.training
+        for flag, on in (("--online-hadamard", t.online_hadamard), ("--qk-hadamard", t.qk_hadamard)):
+            if not on:
+                continue
             from ..export.compressed_tensors import serving_format
 
             fmt = serving_format(recipe.resolved_scheme())
             if fmt.served:
-                raise ConfigError(f"--online-hadamard needs a run-time op that a {fmt.format} checkpoint cannot carry "
+                raise ConfigError(f"{flag} needs a run-time op that a {fmt.format} checkpoint cannot carry "
                                   "and vLLM would not run; use a fake-quant scheme (w4a8, w4a4, w4a4kv4)")
-            if recipe.training.weights == "gptq" or (recipe.training.weights == "auto" and
-                                                      recipe.resolved_scheme().kv_cache is None):
-                raise ConfigError("--online-hadamard is not supported with GPTQ weights (llm-compressor's exporter "
+            if t.weights == "gptq" or (t.weights == "auto" and recipe.resolved_scheme().kv_cache is None):
+                raise ConfigError(f"{flag} is not supported with GPTQ weights (llm-compressor's exporter "
                                   "does not store the run-time op); add --weights rtn")
         if recipe.training.weights == "gptq":
             from ..baselines import llmcompressor as lc
@@ -129,9 +131,10 @@ class AAQ(Method):
         from ..data.calib import parse_calib_spec
 
         notes = []
-        if s.scheme.kv_cache is not None:
+        if s.scheme.kv_cache is not None and not s.recipe.training.qk_hadamard:
             notes.append("KV cache: K is quantized at the k_proj output, before RoPE (an approximation of a runtime "
-                         "that quantizes the rotated K), V exactly; the dense export does not store it")
+                         "that quantizes the rotated K; --qk-hadamard quantizes it after RoPE), V exactly; the dense "
+                         "export does not store it")
         calib = {name for name, _ in parse_calib_spec(s.recipe.calib.data)}
         wiki_cal = {"wikitext2", "wikitext2:calib"} & calib
         wiki_eval = {"wikitext2", "wikitext2:lines"} & set(s.recipe.eval.suites)
@@ -157,6 +160,7 @@ class AAQ(Method):
                         lr_smoothing=t.lr_smoothing, lr_lwc=t.lr_lwc, rotation=t.rotation != "off",
                         online_hadamard=t.online_hadamard, smoothing=t.smoothing != "off", smooth_alpha=t.smooth_alpha,
                         smooth_pairs=DEFAULT_PAIRS + (("up_down",) if t.up_down else ()), vo_rotation=t.vo_rotation,
+                        qk_hadamard=t.qk_hadamard,
                         lwc=t.lwc, save_every=s.options.save_every, seed=r.seed, device=str(s.device),
                         precision=resolve_precision(r.precision, s.device),
                         checkpointing=self.checkpointing(s.options, s.device))
@@ -218,6 +222,7 @@ class AAQ(Method):
             "transforms": {"rotation": cfg.rotation, "online_hadamard": cfg.use_online_hadamard,
                            "smoothing": cfg.smoothing, "smooth_pairs": list(cfg.smooth_pairs) if cfg.smoothing else [],
                            "vo_rotation": sorted(int(i) for i in res.head_rotation_layers) if cfg.vo_rotation else [],
+                           "qk_hadamard": cfg.qk_hadamard,
                            "lwc": cfg.lwc},
             "precision": cfg.precision, "checkpointing": cfg.checkpointing,
             "references": ref_info, "phases": phases, "transform_search": init_search,

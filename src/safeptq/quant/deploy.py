@@ -33,7 +33,11 @@ def attach_act_quant(layer: nn.Module, scheme: Scheme) -> int:
             handles.append(lin.register_forward_pre_hook(lambda m, a, q=aq: (q(a[0]), *a[1:])))
     if scheme.kv_cache is not None:
         kq = ActQuantizer(scheme.kv_cache)
-        for rel in ("self_attn.k_proj", "self_attn.v_proj"):
+        qk = getattr(layer.self_attn, "qk_transform", None)
+        # K is quantized after RoPE by the attention's q/k transform when it has one (safeptq.quant.attention)
+        rels = ("self_attn.v_proj",) if qk is not None and qk.k_quant is not None else ("self_attn.k_proj",
+                                                                                        "self_attn.v_proj")
+        for rel in rels:
             handles.append(layer.get_submodule(rel).register_forward_hook(lambda m, a, out, q=kq: q(out)))
     if handles:
         object.__setattr__(layer, _HANDLES, handles)

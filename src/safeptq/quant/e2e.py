@@ -61,6 +61,7 @@ from safeptq.quant.qlinear import (
 )
 from safeptq.quant.quantizer import QuantizedWeight, WeightQuantizer
 from safeptq.archs import spec_of_layer
+from safeptq.quant.attention import attach_qk_transform
 from safeptq.quant.rotation import (
     CayleyRotation,
     OnlineHadamard,
@@ -117,6 +118,9 @@ class E2EConfig:
     # a learnable rotation of every attention head's values, undone in o_proj (exact; OSTQuant's v/o transform);
     # layers of families where v is fused with q and k keep none
     vo_rotation: bool = False
+    # a Hadamard on every head's q and k after RoPE (run time, not learnt; QuaRot's R3) and, for KV schemes, K
+    # quantized there instead of at the k_proj output
+    qk_hadamard: bool = False
     lwc: bool = True
     save_every: int = 20  # checkpoint every N steps (with a work dir; 0 = only at the end)
     seed: int = 0
@@ -256,6 +260,12 @@ def prepare_end_to_end(model: nn.Module, calib: CalibSet, cfg: E2EConfig) -> E2E
             attach_head_rotation(layer, rot)
             heads[str(i)] = rot
         wrap_decoder_layer(layer, cfg.scheme, lwc=cfg.lwc, prefix=f"model.layers.{i}.")
+        if cfg.qk_hadamard:
+            attn = layer.self_attn
+            if isinstance(getattr(attn, "k_proj", None), QuantLinear):
+                attn.k_proj.output_quantizer = None  # K is quantized after RoPE instead
+            attach_qk_transform(model, attn, random_hadamard(attn.head_dim, cfg.seed + 2000 + i).float(),
+                                cfg.scheme.kv_cache)
     return E2ETransforms(rotation, smoothing, heads)
 
 

@@ -104,6 +104,8 @@ class E2ETraining(RecipeModel):
     vo_rotation: bool = Field(False, description="learn a rotation of every attention head's values, undone in o_proj")
     online_hadamard: bool = Field(False, description="a random Hadamard on down_proj's input, applied online at run "
                                                      "time (fake-quant schemes; stored with the export)")
+    qk_hadamard: bool = Field(False, description="a Hadamard on every head's q and k after RoPE at run time, with "
+                                                 "the KV-cache quantization of K there (fake-quant schemes)")
     weights: Literal["auto", "rtn", "gptq"] = "auto"
 
 
