@@ -219,11 +219,10 @@ def headline(out: Path, aaq_scheme: str) -> list[dict]:
     """The demo's headline numbers per run: each suite's headline metric (harmful rate, over-refusal, accuracy,
     perplexity) with its interval."""
     from .reporting.build import collect_runs
-    from .reporting.collect import suite_kind
+    from .reporting.collect import METRIC, suite_kind
 
-    key = {"harmful": "harmful_rate", "benign": "refusal_rate", "task": "accuracy", "ppl": "perplexity"}
     rows = []
     for e in collect_runs(demo_runs(out, aaq_scheme)):
-        cells = {s: (r[key[suite_kind(s, r)]], r.get("ci95")) for s, r in e.results.items() if s in DEMO_SUITES}
+        cells = {s: (r[METRIC[suite_kind(s, r)]], r.get("ci95")) for s, r in e.results.items() if s in DEMO_SUITES}
         rows.append({"run": e.name, **cells})
     return rows

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from . import figures
-from .collect import RunEntry, load_entry, suite_kind
+from .collect import METRIC, RunEntry, load_entry, suite_kind
 
 __all__ = ["build_report", "collect_runs", "report_context"]
 
@@ -33,7 +33,7 @@ def collect_runs(runs: list[str | Path], names: list[str] | None = None) -> list
 
 
 def _metric_key(kind: str) -> str:
-    return {"harmful": "harmful_rate", "benign": "refusal_rate", "task": "accuracy", "ppl": "perplexity"}[kind]
+    return METRIC[kind]
 
 
 def _suites(entries: list[RunEntry]) -> list[tuple[str, str]]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
-__all__ = ["RunEntry", "load_entry", "suite_kind", "parse_run_spec"]
+__all__ = ["RunEntry", "load_entry", "suite_kind", "parse_run_spec", "METRIC"]
 
 _RUN_RECORDS = ("realign.json", "aaq.json", "quantize.json")
 _DTYPE_BITS = {"F64": 64, "F32": 32, "BF16": 16, "F16": 16, "F8_E4M3": 8, "F8_E5M2": 8, "I8": 8, "U8": 8}
@@ -45,6 +45,10 @@ def parse_run_spec(spec: str) -> tuple[str | None, Path]:
     if sep and name and "/" not in name and not Path(spec).exists():
         return name, Path(path)
     return None, Path(spec)
+
+
+METRIC = {"harmful": "harmful_rate", "benign": "refusal_rate", "task": "accuracy", "ppl": "perplexity"}
+"""The headline metric of each kind of suite."""
 
 
 def suite_kind(name: str, res: dict) -> str:
