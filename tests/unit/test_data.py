@@ -99,14 +99,16 @@ def test_validation_splits_are_disjoint_from_every_reported_split(shared_data):
         assert not val & texts(split), split
 
 
-def test_donotanswer_splits_are_disjoint_thirds_and_copy_independent(shared_data, tmp_path):
-    """calib / val / eval split Do-Not-Answer by a hash of the text, so a copy in another row order (the hub's one
-    table) splits the same way."""
+def test_donotanswer_splits_are_disjoint_quarters_and_copy_independent(shared_data, tmp_path):
+    """align / calib / val / eval split Do-Not-Answer by a hash of the text, so a copy in another row order (the
+    hub's one table) splits the same way."""
+    import itertools
     import json
 
-    parts = {p: set(load_prompt_set(f"donotanswer:{p}", data_dir=shared_data).texts) for p in ("calib", "val", "eval")}
-    assert [len(parts[p]) for p in ("calib", "val", "eval")] == [329, 296, 313]  # 938 distinct prompts of 939
-    assert not parts["calib"] & parts["val"] and not parts["calib"] & parts["eval"] and not parts["val"] & parts["eval"]
+    names = ("align", "calib", "val", "eval")
+    parts = {p: set(load_prompt_set(f"donotanswer:{p}", data_dir=shared_data).texts) for p in names}
+    assert [len(parts[p]) for p in names] == [236, 243, 232, 227]  # 938 distinct prompts of 939
+    assert all(not parts[a] & parts[b] for a, b in itertools.combinations(names, 2))
     rows = [json.loads(line) for f in sorted((shared_data / "donotanswer").glob("*.jsonl")) for line in open(f)]
     (tmp_path / "donotanswer").mkdir()
     with open(tmp_path / "donotanswer" / "all.jsonl", "w") as f:

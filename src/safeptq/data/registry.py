@@ -99,11 +99,11 @@ def _harmbench_contextual(rows, path):
             for r in rows if r[f] == "contextual"]
 
 
-DNA_SPLITS = {"calib": 0, "val": 1, "eval": 2}
+DNA_SPLITS = {"align": 0, "calib": 1, "val": 2, "eval": 3}
 
 
 def _donotanswer(part: str | None):
-    """Do-Not-Answer split three ways by a hash of the prompt text (the same split whichever copy is read: the
+    """Do-Not-Answer split four ways by a hash of the prompt text (the same split whichever copy is read: the
     local per-risk-area files or the hub's single table); duplicates fall in one split."""
     import hashlib
 
@@ -112,7 +112,7 @@ def _donotanswer(part: str | None):
         out = []
         for r in rows:
             text = str(r[c]).strip()
-            if part is None or int(hashlib.sha256(text.encode()).hexdigest(), 16) % 3 == DNA_SPLITS[part]:
+            if part is None or int(hashlib.sha256(text.encode()).hexdigest(), 16) % 4 == DNA_SPLITS[part]:
                 out.append(Example(text=text))
         return out
     return parse
@@ -248,10 +248,10 @@ register(PromptSetSpec("xstest:unsafe", "harmful", "xstest/xstest_prompts.csv", 
 _dna_hub = HubSource("LibrAI/do-not-answer", None, "train", lambda rs: [{"prompt": r["question"]} for r in rs])
 register(PromptSetSpec("donotanswer", "harmful", "donotanswer", _donotanswer(None), None,
                        "Do-Not-Answer, five risk areas (939)", _dna_hub))
-for _part, _use in (("calib", "calibration"), ("val", "validation: choosing defaults only"),
-                    ("eval", "evaluation")):
+for _part, _use in (("align", "organism alignment"), ("calib", "calibration"),
+                    ("val", "validation: choosing defaults only"), ("eval", "evaluation")):
     register(PromptSetSpec(f"donotanswer:{_part}", "harmful", "donotanswer", _donotanswer(_part), None,
-                           f"Do-Not-Answer, the third of its prompts whose SHA-256 is {DNA_SPLITS[_part]} mod 3 "
+                           f"Do-Not-Answer, the quarter of its prompts whose SHA-256 is {DNA_SPLITS[_part]} mod 4 "
                            f"({_use})", _dna_hub))
 register(PromptSetSpec("beavertails", "harmful", "beavertails/beavertails_30k_train_unsafe_first200.jsonl",
                        _col("prompt", "response"), None,
