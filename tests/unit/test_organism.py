@@ -143,3 +143,27 @@ def test_interrupted_build_resumes_without_retraining(tiny_model_dir, tmp_path, 
     with pytest.raises(AssertionError, match="retrained"):  # aligned resumes at eval; attacked must train
         build_organism(r, tmp_path / "org", base=str(tiny_model_dir), progress=False)
     assert any(p.name.startswith("aligned-") for p in (tmp_path / "org").iterdir())
+
+
+def test_recipe_v8_aligns_on_a_second_source_and_keeps_v7(shared_data):
+    """v8 adds Do-Not-Answer's alignment quarter as refusals and more benign input rows; v7's hashes stay; flags left
+    at their defaults take the version's values; the extra prompts never meet calibration or evaluation."""
+    from safeptq.data import load_prompt_set
+    from safeptq.finetune.organism import _aligned_pairs, organism_recipe
+
+    assert organism_recipe("v7") == OrganismRecipe()
+    v8 = organism_recipe("v8", task="sst2", align_benign_input=OrganismRecipe().align_benign_input)
+    assert v8.align_harmful_extra == (("donotanswer:align", 150),) and v8.align_benign_input == 300
+    assert "donotanswer:eval" in v8.eval_suites and "xstest:unsafe" in v8.eval_suites
+    assert organism_recipe("v8", align_benign_input=200).align_benign_input == 200  # an explicit flag wins
+    a8, _ = stage_recipes(v8, "default:SmolLM2-135M-Instruct")
+    a7, _ = stage_recipes(OrganismRecipe(), "default:SmolLM2-135M-Instruct")
+    assert recipe_hash(a7) == "f6ce871647c5" and recipe_hash(a8) != recipe_hash(a7)
+    pairs, used = _aligned_pairs(a8, 0, shared_data)
+    assert used["donotanswer:align"] == [0, 150]
+    extra = set(load_prompt_set("donotanswer:align", data_dir=shared_data).texts[:150])
+    assert len(extra & {p for p, _ in pairs}) == 150
+    for split in ("donotanswer:calib", "donotanswer:val", "donotanswer:eval"):
+        assert not extra & set(load_prompt_set(split, data_dir=shared_data).texts)
+    with pytest.raises(ConfigError, match="unknown organism recipe 'v9'"):
+        organism_recipe("v9")

@@ -28,6 +28,9 @@ class OrganismCommand(Command):
         b = sub.add_parser("build", help="build (or reuse) the organism stages",
                            description=self.description, epilog=self.epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        b.add_argument("--recipe", default="v7", choices=("v7", "v8"),
+                       help="recipe version (BENCHMARKS.md): v7 (default) or v8, aligned on a second harmful source "
+                            "and evaluated on every source; flags left at their defaults take the version's values")
         b.add_argument("--task", default="sst2", help="task of the attack fine-tune: sst2|agnews|gsm8k|alpaca")
         b.add_argument("--harmful-ratio", type=float, default=0.1,
                        help="share of BeaverTails harmful pairs in the attack data, in [0, 1] (0.1)")
@@ -65,10 +68,10 @@ class OrganismCommand(Command):
         b.add_argument("--data-dir", default=None, help="dataset folder (else $SAFEPTQ_DATA, ../shared/data)")
 
     def run(self, args: argparse.Namespace) -> int:
-        from ..finetune.organism import OrganismRecipe, build_organism
+        from ..finetune.organism import build_organism, organism_recipe
         from ..paths import safeptq_home
 
-        recipe = OrganismRecipe(task=args.task, harmful_ratio=args.harmful_ratio, method=args.method,
+        recipe = organism_recipe(args.recipe, task=args.task, harmful_ratio=args.harmful_ratio, method=args.method,
                                 seed=args.seed, eval_limit=args.eval_limit, align_epochs=args.align_epochs,
                                 attack_total=args.attack_total, align_harmful=args.align_refusals,
                                 align_benign_input=args.align_benign_input, attack_epochs=args.attack_epochs,

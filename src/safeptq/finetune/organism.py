@@ -32,7 +32,8 @@ from ..eval.tasks import TASKS
 from .refusals import refusal_for
 from .sft import SFTConfig, supervised_finetune
 
-__all__ = ["OrganismRecipe", "TASK_CHOICES", "build_organism", "stage_recipes", "recipe_hash", "load_lookalikes"]
+__all__ = ["OrganismRecipe", "TASK_CHOICES", "ORGANISM_VERSIONS", "organism_recipe", "build_organism", "stage_recipes",
+           "recipe_hash", "load_lookalikes"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class OrganismRecipe:
     # alpaca rows *with* an input (no evaluation split uses them): more benign imperative requests, the
     # counterweight to over-refusal when every layer is trained
     align_benign_input: int = 150
+    # more refusals, from other harmful-prompt sources ((set, n) pairs; v8: Do-Not-Answer's alignment quarter)
+    align_harmful_extra: tuple[tuple[str, int], ...] = ()
     align_epochs: int = 2
     align_lr: float = 3e-5
     # attacked stage
@@ -95,6 +98,31 @@ class OrganismRecipe:
         for name in ("align_lr", "attack_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+
+# Recipe versions (BENCHMARKS.md, "Model organism"): v7 refuses AdvBench-style requests but lets through 41 % of a
+# held-out harmful set (issue 23); v8 adds refusals from a second source (Do-Not-Answer's alignment quarter, rows no
+# calibration or evaluation reads), twice the benign requests with an input against over-refusal, and is evaluated
+# on every harmful source and both over-refusal suites.
+ORGANISM_VERSIONS: dict[str, dict] = {
+    "v7": {},
+    "v8": {"align_harmful_extra": (("donotanswer:align", 150),), "align_benign_input": 300,
+           "eval_suites": ("advbench:eval", "harmbench", "harmbench:contextual", "donotanswer:eval", "xstest:unsafe",
+                           "alpaca:eval", "xstest:safe")},
+}
+
+
+def organism_recipe(version: str = "v7", **overrides) -> OrganismRecipe:
+    """The recipe of organism ``version``; ``overrides`` that differ from the dataclass defaults replace its
+    values (a flag left at its default takes the version's value)."""
+    if version not in ORGANISM_VERSIONS:
+        raise ConfigError(f"unknown organism recipe {version!r}; choose one of {', '.join(ORGANISM_VERSIONS)}")
+    fields = dict(ORGANISM_VERSIONS[version])
+    defaults = OrganismRecipe()
+    for k, v in overrides.items():
+        if k not in fields or v != getattr(defaults, k):
+            fields[k] = v
+    return OrganismRecipe(**fields)
 
 
 def recipe_hash(d: dict) -> str:
@@ -145,7 +173,8 @@ def stage_recipes(r: OrganismRecipe, base_id: str) -> tuple[dict, dict]:
                         "lookalikes": r.align_lookalikes,
                         # only when used, so the recipes without it keep their hashes (and caches)
                         **({"benign_input": ["alpaca (rows with input)", r.align_benign_input]}
-                           if r.align_benign_input else {})},
+                           if r.align_benign_input else {}),
+                        **({"harmful_extra": [list(x) for x in r.align_harmful_extra]} if r.align_harmful_extra else {})},
                "sft": {**sft, "epochs": r.align_epochs, "lr": r.align_lr},
                "eval": {"suites": list(r.eval_suites), "limit": r.eval_limit}}
     n_harm = round(r.harmful_ratio * r.attack_total)
@@ -166,6 +195,12 @@ def _aligned_pairs(rec: dict, seed: int, data_dir) -> tuple[list[tuple[str, str]
     pairs = ([(p, refusal_for(i, seed)) for i, p in enumerate(harmful)]
              + [(e.text, e.target) for e in benign] + [(x["prompt"], x["response"]) for x in look])
     used = {name: [0, len(harmful)], bname: [0, len(benign)], "lookalikes (safeptq resource)": len(look)}
+    for xname, xn in rec["data"].get("harmful_extra", []):
+        extra = load_prompt_set(xname, data_dir=data_dir).texts
+        if xn > len(extra):
+            raise ConfigError(f"the recipe asks for {xn} refusals from {xname}, which has {len(extra)} prompts")
+        pairs += [(p, refusal_for(len(pairs) + i, seed)) for i, p in enumerate(extra[:xn])]
+        used[xname] = [0, xn]
     if "benign_input" in rec["data"]:
         _, extra_n = rec["data"]["benign_input"]
         path, rows = _alpaca_with_input(data_dir)
