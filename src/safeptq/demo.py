@@ -19,8 +19,9 @@ DEMO_SUITES = ("advbench:eval", "harmbench", "alpaca:eval", "xstest:safe", "sst2
 DEMO_MARKER = ".safeptq-demo.json"
 
 # Wall-time model of the 2-core CPU machine of BENCHMARKS.md (seconds; "Demo" section): used for the estimates only.
+# per_window: one 2048-token perplexity window of the 135M model (about 0.55 TFLOP) at ~50 GFLOP/s.
 COST = {"organism": 1551.0, "rtn": 60.0, "realign": 700.0, "aaq": 820.0,
-        "eval_fixed": 25.0, "per_prompt": 0.9, "per_class": 0.15, "per_window": 4.0}
+        "eval_fixed": 25.0, "per_prompt": 0.7, "per_class": 0.35, "per_window": 11.0}
 
 
 @dataclass
@@ -28,7 +29,7 @@ class DemoOptions:
     out: str | Path = "runs/demo"
     organism: str | Path | None = None  # a folder with aligned/ and attacked/ to use, or where to build them
     limit: int = 50  # prompts (and SST-2 sentences) per suite
-    ppl_windows: int = 20  # WikiText-2 windows of 2048 tokens
+    ppl_windows: int = 8  # WikiText-2 windows of 2048 tokens (16k tokens; each costs ~11 s on 2 CPU cores)
     aaq_scheme: str = "w4a8"
     base: str = "default"  # the organism's unaligned base model: AAQ pushes away from it
     data_dir: str | None = None

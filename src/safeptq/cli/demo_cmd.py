@@ -30,7 +30,7 @@ class DemoCommand(Command):
                        help="folder with aligned/ and attacked/ models to use as they are, or where to build them "
                             "(default: the cache, $SAFEPTQ_HOME/organism)")
         p.add_argument("--limit", type=int, default=50, help="prompts (and SST-2 sentences) per suite (default 50)")
-        p.add_argument("--ppl-windows", type=int, default=20, help="WikiText-2 windows of 2048 tokens (default 20)")
+        p.add_argument("--ppl-windows", type=int, default=8, help="WikiText-2 windows of 2048 tokens (default 8)")
         p.add_argument("--aaq-scheme", default="w4a8", help="AAQ's scheme (default w4a8)")
         p.add_argument("--data-dir", default=None, help="dataset folder (default: $SAFEPTQ_DATA or ../shared/data)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
