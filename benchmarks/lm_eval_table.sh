@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Capability next to the field's numbers (issue 19): lm-eval's seven tasks (zero-shot, lm-eval 0.4.13 prompts, local
 # data) and WikiText-2 perplexity in the GPTQ convention (2048-token windows) for
-#   the default model (SmolLM2-135M-Instruct): fp, rtn|gptq|omni - w8a8|w4a16 (w4a16 = group 64),
+#   the default model (SmolLM2-135M-Instruct): fp, rtn|gptq|omni - w8a8|w4a16 (w4a16 = group 64) on safeptq's default
+#   calibration (128 Alpaca chat prompts); a trailing -text (gptq-w4a16-text) calibrates as the GPTQ papers do, on
+#   plain text: TEXT_N windows of 2048 tokens of wikitext2:calib (the second half of the test text; the perplexity
+#   windows are the first ones, see README),
 #   the organism: org-aligned, org-attacked, org-realigned (REALIGNED, Q-realign W8A8), org-aaq (AAQ, AAQ W4A8).
 # Each row is three evaluations of the same model (an export is reloaded with its activation quantizers):
 #   RUN.json       ARC-e, ARC-c, PIQA, WinoGrande, BoolQ, LAMBADA on their first LIMIT examples;
@@ -32,8 +35,10 @@ for r in "${runs[@]}"; do
     org-aaq) m=$AAQ ;;
     rtn-*|gptq-*|omni-*)
       m=$OUT/$r; method=${r%%-*}; [ "$method" = omni ] && method="omniquant --epochs 2"
-      [ -f "$m/quantize.json" ] || $S quantize --model default --method $method --scheme "${r#*-}" --resume \
-        --out "$m" --no-progress ;;
+      scheme=${r#*-}; calib=()
+      case $scheme in *-text) scheme=${scheme%-text}; calib=(--calib wikitext2:calib --nsamples "${TEXT_N:-32}" --seqlen 2048) ;; esac
+      [ -f "$m/quantize.json" ] || $S quantize --model default --method $method --scheme "$scheme" "${calib[@]}" \
+        --resume --out "$m" --no-progress ;;
     *) echo "unknown run $r"; exit 2 ;;
   esac
   [ -e "$m" ] || [ "$m" = default ] || { echo "skip $r: $m is missing"; continue; }
