@@ -83,3 +83,24 @@ def test_eval_out_that_is_a_folder_is_refused_before_generation(tiny_model_dir, 
     monkeypatch.setattr(safeptq.models, "load_model", lambda *a, **k: pytest.fail("loaded before checking"))
     cli_error(capsys, ["eval", "--model", tiny_model_dir, "--suite", "advbench:eval", "--out", tmp_path],
               "is a folder")
+
+
+def test_sigterm_handler_lets_forked_workers_die_quietly():
+    """Worker processes forked by datasets / lm-eval inherit the handler; a SIGTERM that their pool sends at
+    shutdown must end them as the default action does, not raise KeyboardInterrupt with a traceback."""
+    import multiprocessing
+    import os
+    import signal
+
+    from safeptq.cli.main import _sigterm_as_interrupt
+
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        _sigterm_as_interrupt()
+        ctx = multiprocessing.get_context("fork")
+        p = ctx.Process(target=lambda: (os.kill(os.getpid(), signal.SIGTERM), __import__("time").sleep(5)))
+        p.start()
+        p.join(10)
+        assert p.exitcode == -signal.SIGTERM  # killed by the signal, not an exception exit (1)
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -51,11 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _sigterm_as_interrupt() -> None:
     """SIGTERM (a scheduler stopping the job) takes the Ctrl-C path: staging folders removed, locks
     released, the work folder and the --resume command named."""
+    import os
     import signal
     import threading
 
     if threading.current_thread() is threading.main_thread():
+        owner = os.getpid()
+
         def handler(signum, frame):
+            if os.getpid() != owner:  # a forked worker (datasets, lm-eval) inherited it: die as it would have
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
             raise KeyboardInterrupt
 
         signal.signal(signal.SIGTERM, handler)
