@@ -83,9 +83,17 @@ def _paired(entries: list[RunEntry], base: RunEntry | None) -> list[dict]:
     return rows
 
 
+def _same_model(a: str, b: str) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return a == b
+
+
 def _recovery(entries: list[RunEntry], suites: list[tuple[str, str]], attacked: str | None,
               aligned: str | None) -> list[dict]:
-    """Per run and harmful suite, the share of the attacked−aligned gap the run closes (paired over prompts)."""
+    """Per run and harmful suite, the share of the attacked−aligned gap the run closes (paired over prompts): for
+    quantizations of the attacked model (a run folder whose source is the attacked run's model) and evaluations."""
     from ..eval.recovery import gap_closed
 
     by = {e.name: e for e in entries}
@@ -94,8 +102,8 @@ def _recovery(entries: list[RunEntry], suites: list[tuple[str, str]], attacked: 
     att, ali = by[attacked], by[aligned]
     rows = []
     for e in entries:
-        if e.name in (attacked, aligned):
-            continue
+        if e.name in (attacked, aligned) or (e.kind != "eval" and not _same_model(e.model, att.model)):
+            continue  # the gap is closed by quantizing the attacked model; runs of other models are not measured
         for s, kind in suites:
             if kind != "harmful" or not all(s in x.samples for x in (att, ali, e)):
                 continue
