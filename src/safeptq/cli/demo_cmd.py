@@ -37,11 +37,11 @@ class DemoCommand(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from ..api import demo
+        from ..demo import DEMO_SUITES
 
         res = demo(args.out, organism=args.organism, limit=args.limit, ppl_windows=args.ppl_windows,
                    aaq_scheme=args.aaq_scheme, data_dir=args.data_dir, progress=not args.no_progress)
-        suites = [s for s in ("advbench:eval", "harmbench", "alpaca:eval", "xstest:safe", "sst2", "wikitext2")
-                  if any(s in r for r in res["rows"])]
+        suites = [s for s in DEMO_SUITES if any(s in r for r in res["rows"])]
         rows = [[r["run"], *[("—" if s not in r else f"{r[s][0]:.2f}" if s == "wikitext2" else f"{r[s][0]:.3f}")
                              for s in suites]] for r in res["rows"]]
         print_table(rows, ["run", *[{"advbench:eval": "AdvBench harmful", "harmbench": "HarmBench harmful",

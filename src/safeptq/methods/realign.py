@@ -103,8 +103,12 @@ class Realign(BlockwiseMethod):
         if any(getattr(ref.config, k) != getattr(model.config, k) for k in keys):
             raise ConfigError(f"probes.model {s.recipe.probes.model} does not match {s.model_label} (layers, hidden "
                               "size or vocabulary); the state target needs the model the fine-tune started from")
-        rows = torch.arange(len(calib))  # every row: the mean-difference direction reads the benign ones too
-        return last_token_states(ref, calib, rows, progress=s.progress)
+        # the mean-difference direction reads the benign rows too; the state targets only the malicious ones
+        every = s.recipe.objective.malicious_target == "mean_diff"
+        rows = torch.arange(len(calib)) if every else (calib.labels == 1).nonzero().flatten()
+        out = torch.zeros(ref.config.num_hidden_layers, len(calib), ref.config.hidden_size)
+        out[:, rows] = last_token_states(ref, calib, rows, progress=s.progress)
+        return out
 
     @staticmethod
     def _heldout_texts(s: Session) -> list[str]:
