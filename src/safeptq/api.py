@@ -153,15 +153,17 @@ def probe(model: Any, *, out: str | Path, probe_model: str | None = None, probes
 
 
 def build_organism(out: str | Path | None = None, *, base: str = "default", data_dir: str | None = None,
-                   progress: bool = True, **recipe: Any) -> dict[str, Path]:
+                   progress: bool = True, evaluate: bool = True, **recipe: Any) -> dict[str, Path]:
     """Build (or reuse) the model organism: ``{"aligned": path, "attacked": path}``. ``recipe``:
-    fields of :class:`~safeptq.finetune.organism.OrganismRecipe` (task, harmful_ratio, method, ...)."""
+    fields of :class:`~safeptq.finetune.organism.OrganismRecipe` (task, harmful_ratio, method, ...).
+    ``evaluate=False`` skips the stages' evaluation (a later evaluated build completes it)."""
     from .finetune.organism import OrganismRecipe
     from .finetune.organism import build_organism as _build
     from .paths import safeptq_home
 
     r = OrganismRecipe(**recipe)
-    return _build(r, out or str(safeptq_home() / "organism"), base=base, data_dir=data_dir, progress=progress)
+    return _build(r, out or str(safeptq_home() / "organism"), base=base, data_dir=data_dir, progress=progress,
+                  evaluate=evaluate)
 
 
 def compare(run_a: str | Path, run_b: str | Path, suites: list[str] | None = None) -> dict:

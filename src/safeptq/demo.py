@@ -18,9 +18,12 @@ __all__ = ["DemoOptions", "Stage", "plan_demo", "run_demo", "demo_runs", "headli
 DEMO_SUITES = ("advbench:eval", "harmbench", "alpaca:eval", "xstest:safe", "sst2", "wikitext2")
 DEMO_MARKER = ".safeptq-demo.json"
 
-# Wall-time model of the 2-core CPU machine of BENCHMARKS.md (seconds; "Demo" section): used for the estimates only.
+# Wall-time model of the 2-core CPU machines of BENCHMARKS.md (seconds; "Demo" section): used for the estimates only.
 # per_window: one 2048-token perplexity window of the 135M model (about 0.55 TFLOP) at ~50 GFLOP/s.
-COST = {"organism": 1551.0, "rtn": 60.0, "realign": 700.0, "aaq": 820.0,
+# organism: the v7 build without its own evaluation, trained in bf16 on a CPU with bfloat16 units (AMX: 2 x 9 min);
+# organism_fp32: the same recipe trained in float32 where bf16 would be emulated (AVX2-only CPUs: 218 steps of about
+# 50 s each, measured on an AVX2 EPYC).
+COST = {"organism": 1150.0, "organism_fp32": 11000.0, "rtn": 60.0, "realign": 700.0, "aaq": 820.0,
         "eval_fixed": 25.0, "per_prompt": 0.7, "per_class": 0.35, "per_window": 11.0}
 
 
@@ -62,6 +65,8 @@ def _say(msg: str) -> None:
 
 def _fmt(s: float) -> str:
     s = int(round(s))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
     return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
 
 
@@ -81,9 +86,18 @@ def _organism(opts: DemoOptions) -> tuple[dict[str, Path], bool, Callable[[], di
     def build() -> dict[str, Path]:
         from .api import build_organism
 
-        return build_organism(root, data_dir=opts.data_dir, progress=opts.progress)
+        # the demo evaluates both stages itself, on its own suites: the organism's evaluation would be done twice
+        return build_organism(root, data_dir=opts.data_dir, progress=opts.progress, evaluate=False)
 
     return paths, cached, build
+
+
+def organism_estimate_s() -> float:
+    """The organism build's time here: bf16 training where the machine has bfloat16 units, else float32 (the
+    recipe's ``precision: auto``), about ten times longer on 2 cores."""
+    from .quant.precision import native_bf16
+
+    return COST["organism"] if native_bf16() else COST["organism_fp32"]
 
 
 def plan_demo(opts: DemoOptions) -> list[Stage]:
@@ -108,7 +122,7 @@ def plan_demo(opts: DemoOptions) -> list[Stage]:
 
     aaq_dir = f"aaq-{opts.aaq_scheme}"
     return [
-        Stage("organism", "build the model organism (aligned, then attacked)", COST["organism"], None,
+        Stage("organism", "build the model organism (aligned, then attacked)", organism_estimate_s(), None,
               lambda: org_cached, lambda: org.update(build()), cached_note="cached"),
         Stage("attacked", "evaluate the attacked model (full precision)", eval_s, out / "attacked.json",
               lambda: (out / "attacked.json").is_file(), fp_eval("attacked")),
@@ -199,7 +213,10 @@ def run_demo(opts: DemoOptions | None = None, say: Callable[[str], None] = _say)
             state = states[s.name]
             say(f"  {i}. {s.title:<72} {state:>6}  ~{_fmt(s.estimate_s) if s in todo else '-'}")
         left = sum(s.estimate_s for s in todo)
-        say(f"  estimated: {_fmt(left)} on 2 CPU cores (the machine of BENCHMARKS.md)")
+        say(f"  estimated: {_fmt(left)} on 2 CPU cores (the machines of BENCHMARKS.md)")
+        if todo and todo[0].name == "organism" and organism_estimate_s() > COST["organism"]:
+            say("  note: this machine has no bfloat16 units, so the organism trains in float32 (a different model "
+                "from the bf16 recipe's, and about ten times slower); --organism PATH reuses one built elsewhere")
         t_all = time.time()
         for i, s in enumerate(stages, 1):
             if s not in todo:

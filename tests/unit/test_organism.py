@@ -79,19 +79,52 @@ def test_miniature_organism(tiny_model_dir, tmp_path, shared_data):
     assert again == stages and os.path.getmtime(again["attacked"] / "manifest.json") == before
 
 
+def test_build_without_evaluation_is_completed_later(tiny_model_dir, tmp_path, shared_data):
+    """The demo builds without the stages' evaluation; a later evaluated build of the same recipe fills it in,
+    in the same folders, without retraining."""
+    from safeptq.models import load_model
+
+    r = OrganismRecipe(task="sst2", harmful_ratio=0.25, **TINY)
+    stages = build_organism(r, tmp_path / "org", base=str(tiny_model_dir), progress=False, evaluate=False)
+    for p in stages.values():
+        assert json.loads((p / "manifest.json").read_text())["eval"] is None
+    w = {k: v.clone() for k, v in load_model(str(stages["attacked"])).model.state_dict().items()}
+    again = build_organism(r, tmp_path / "org", base=str(tiny_model_dir), progress=False)
+    assert again == stages
+    m = json.loads((stages["attacked"] / "manifest.json").read_text())
+    assert set(m["eval"]) == {"advbench:eval", "harmbench", "alpaca:eval", "xstest:safe", "sst2"}
+    assert m["eval"]["advbench:eval"]["n"] == 2
+    after = load_model(str(stages["attacked"])).model.state_dict()
+    assert all(torch.equal(w[k], after[k]) for k in w)  # evaluated, not retrained
+    assert not any(p.name.startswith(".work") for p in (tmp_path / "org").iterdir())
+
+
 def test_recipe_hash_changes_with_recipe():
-    a1, t1 = stage_recipes(OrganismRecipe(harmful_ratio=0.1), "b")
-    a2, t2 = stage_recipes(OrganismRecipe(harmful_ratio=0.2), "b")
+    a1, t1 = stage_recipes(OrganismRecipe(harmful_ratio=0.1, precision="bf16"), "b")
+    a2, t2 = stage_recipes(OrganismRecipe(harmful_ratio=0.2, precision="bf16"), "b")
     assert a1 == a2 and t1 != t2
     # recipe v5 (the organism of the Q-realign and AAQ figures in BENCHMARKS.md) keeps its hash under the new defaults
     v5 = OrganismRecipe(harmful_ratio=0.1, train_top_layers=15, align_epochs=1, align_harmful=150, align_benign_input=0,
                         precision="fp32", attack_epochs=1, attack_lr=2e-5)
     a5, t5 = stage_recipes(v5, "default:SmolLM2-135M-Instruct")
     assert (recipe_hash(a5), recipe_hash(t5)) == ("e87e7538a18e", "3a903c6be314")
-    a7, t7 = stage_recipes(OrganismRecipe(), "default:SmolLM2-135M-Instruct")  # v7, the default
+    a7, t7 = stage_recipes(OrganismRecipe(precision="bf16"), "default:SmolLM2-135M-Instruct")  # v7 (bf16 machines)
     assert (recipe_hash(a7), recipe_hash(t7)) == ("f6ce871647c5", "d306f86b521b")
     assert a1["data"]["benign_input"][1] == 150 and "benign_input" not in a5["data"]
     assert a1["sft"]["precision"] == "bf16" and "precision" not in a5["sft"]  # fp32 hashes stay as they were
+
+
+def test_precision_auto_follows_the_machine(monkeypatch):
+    """auto = bf16 where bfloat16 runs in hardware, fp32 where it would be emulated (~6x slower); the resolved
+    value is the recipe's, so the two builds never share a cache folder."""
+    import safeptq.quant.precision as prec
+
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(prec, "native_bf16", lambda native=native: native)
+        r = OrganismRecipe()
+        assert r.precision == want
+        assert stage_recipes(r, "b")[0]["sft"].get("precision", "fp32") == want
+    assert OrganismRecipe(precision="bf16").precision == "bf16"  # an explicit choice is kept
 
 
 @pytest.mark.parametrize("kw,msg", [({"task": "mnli"}, "unknown task 'mnli'"),
@@ -157,7 +190,7 @@ def test_recipe_v8_aligns_on_a_second_source_and_keeps_v7(shared_data):
     assert "donotanswer:eval" in v8.eval_suites and "xstest:unsafe" in v8.eval_suites
     assert organism_recipe("v8", align_benign_input=200).align_benign_input == 200  # an explicit flag wins
     a8, _ = stage_recipes(v8, "default:SmolLM2-135M-Instruct")
-    a7, _ = stage_recipes(OrganismRecipe(), "default:SmolLM2-135M-Instruct")
+    a7, _ = stage_recipes(OrganismRecipe(precision="bf16"), "default:SmolLM2-135M-Instruct")
     assert recipe_hash(a7) == "f6ce871647c5" and recipe_hash(a8) != recipe_hash(a7)
     pairs, used = _aligned_pairs(a8, 0, shared_data)
     assert used["donotanswer:align"] == [0, 150]

@@ -60,10 +60,13 @@ class OrganismCommand(Command):
         b.add_argument("--attack-top-layers", type=int, default=R.attack_top_layers or 0,
                        help=f"attacked stage: full FT of the top N decoder layers (default "
                             f"{R.attack_top_layers or 0}, 0 = all layers)")
-        b.add_argument("--precision", default=R.precision, choices=["fp32", "bf16"],
-                       help=f"training precision ({R.precision}): fp32, or bf16 autocast (float32 weights and "
-                            "optimizer; faster on CPUs with bfloat16 units; a different model, so a "
-                            "different recipe hash)")
+        b.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                       help="training precision (auto): bf16 autocast (float32 weights and optimizer; recipes v6-v8) "
+                            "where the machine has bfloat16 units, else fp32 (emulated bf16 is ~6x slower); the "
+                            "resolved value is part of the recipe, so fp32 and bf16 builds have different hashes")
+        b.add_argument("--no-eval", action="store_true",
+                       help="skip the stages' evaluation (the weights do not depend on it; a later build without "
+                            "this flag adds it to the same folders)")
         b.add_argument("--no-progress", action="store_true")
         b.add_argument("--data-dir", default=None, help="dataset folder (else $SAFEPTQ_DATA, ../shared/data)")
 
@@ -79,13 +82,14 @@ class OrganismCommand(Command):
                                 train_top_layers=args.train_top_layers or None,
                                 attack_top_layers=args.attack_top_layers or None, precision=args.precision)
         out = args.out or str(safeptq_home() / "organism")
-        stages = build_organism(recipe, out, base=args.base, data_dir=args.data_dir, progress=not args.no_progress)
+        stages = build_organism(recipe, out, base=args.base, data_dir=args.data_dir, progress=not args.no_progress,
+                                evaluate=not args.no_eval)
         import json
 
         rows = []
         for stage, path in stages.items():
             m = json.loads((path / "manifest.json").read_text())
-            for suite, res in m["eval"].items():
+            for suite, res in (m["eval"] or {}).items():
                 key = next(k for k in ("harmful_rate", "refusal_rate", "accuracy") if k in res)
                 ci = res.get("ci95") or [float("nan")] * 2
                 rows.append([stage, suite, key, f"{res[key]:.3f}", f"[{ci[0]:.3f}, {ci[1]:.3f}]", res["n"]])

@@ -77,7 +77,9 @@ class OrganismRecipe:
     # aligned stage: full fine-tuning of the top N layers (None = all: the top 15 alone, v1-v5, could not
     # separate harmful from benign imperatives)
     train_top_layers: int | None = None
-    precision: str = "bf16"  # autocast training (faster on CPUs with bfloat16 units); or fp32
+    # bf16 autocast training (recipes v6-v8) or fp32; auto = bf16 where the machine has bfloat16 units (CUDA,
+    # AVX512-BF16 / AMX CPUs), else fp32: emulated bf16 is ~6x slower. The resolved value is the recipe's (and hash's)
+    precision: str = "auto"
     # evaluation
     eval_limit: int | None = None  # None = the full evaluation sets
     eval_suites: tuple[str, ...] = field(default_factory=lambda: SAFETY_SUITES)
@@ -89,8 +91,15 @@ class OrganismRecipe:
             raise ConfigError(f"--harmful-ratio must be in [0, 1], got {self.harmful_ratio}")
         if self.method not in ("full", "lora"):
             raise ConfigError(f"unknown --method {self.method!r}; choose full or lora")
+        if self.precision == "auto":
+            from ..quant.precision import native_bf16
+
+            self.precision = "bf16" if native_bf16() else "fp32"
+            log.info("organism: training precision auto -> %s%s", self.precision,
+                     "" if self.precision == "bf16" else " (no bfloat16 units here: a different model from the "
+                     "bf16 recipe, with its own hash)")
         if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"unknown --precision {self.precision!r}; choose fp32 or bf16")
+            raise ConfigError(f"unknown --precision {self.precision!r}; choose auto, fp32 or bf16")
         for name in ("align_harmful", "align_benign", "align_benign_input", "attack_total", "align_epochs",
                      "attack_epochs", "batch_size"):
             if getattr(self, name) < 0 or (name.endswith(("epochs", "size", "total")) and getattr(self, name) == 0):
@@ -248,13 +257,36 @@ def _evaluate_stage(model, tok, rec: dict, work: Path, data_dir, progress: bool)
     return results
 
 
-def _build_stage(rec: dict, parent_path: str, out: Path, data_dir, seed: int, progress: bool) -> Path:
+def _complete_eval(final: Path, rec: dict, data_dir, progress: bool) -> None:
+    """A stage built with ``evaluate=False`` gets its recipe's evaluation now; the manifest is replaced whole."""
+    from ..models import load_model
+    from ..runs import write_json_atomic
+
+    man_path = final / "manifest.json"
+    manifest = json.loads(man_path.read_text())
+    if manifest.get("eval") is not None:
+        return
+    log.info("%s: evaluating %s (built without its evaluation)", rec["stage"], final)
+    work = final.parent / f".work-eval-{final.name}"
+    work.mkdir(parents=True, exist_ok=True)
+    lm = load_model(str(final), dtype="float32")
+    t1 = time.time()
+    manifest["eval"] = _evaluate_stage(lm.model, lm.tokenizer, rec, work, data_dir, progress)
+    manifest["wall_time_s"]["eval"] = round(time.time() - t1, 1)
+    write_json_atomic(man_path, manifest)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _build_stage(rec: dict, parent_path: str, out: Path, data_dir, seed: int, progress: bool,
+                 evaluate: bool = True) -> Path:
     from ..models import load_model, save_model
 
     h = recipe_hash(rec)
     final = out / f"{rec['stage']}-{h}"
     if (final / "manifest.json").exists():
         log.info("%s: reusing %s (same recipe)", rec["stage"], final)
+        if evaluate:
+            _complete_eval(final, rec, data_dir, progress)
         return final
     work = out / f".work-{rec['stage']}-{h}"
     work.mkdir(parents=True, exist_ok=True)
@@ -278,7 +310,9 @@ def _build_stage(rec: dict, parent_path: str, out: Path, data_dir, seed: int, pr
         model, tok = lm.model, lm.tokenizer
     info = json.loads(info_path.read_text())
     t1 = time.time()
-    evals = _evaluate_stage(model, tok, rec, work, data_dir, progress)
+    # evaluate=False (the demo, which evaluates both stages itself): the manifest says "eval": null and a later
+    # evaluated build of the same recipe completes it
+    evals = _evaluate_stage(model, tok, rec, work, data_dir, progress) if evaluate else None
     manifest = {"stage": rec["stage"], "recipe": rec, "recipe_hash": h, "seed": seed, "parent_path": parent_path,
                 "data_used": info["data_used"], "train": info["train"],
                 "wall_time_s": {"train": info["train"]["train_time_s"], "eval": round(time.time() - t1, 1),
@@ -310,9 +344,10 @@ def _link(out: Path, name: str, target: Path) -> None:
 
 
 def build_organism(r: OrganismRecipe, out: str | Path, base: str = "default", data_dir=None,
-                   progress: bool = True) -> dict[str, Path]:
+                   progress: bool = True, evaluate: bool = True) -> dict[str, Path]:
     """Build (or reuse) the aligned and attacked stages; returns their folders. ``<out>/aligned`` and
-    ``<out>/attacked`` link to the stages of this recipe."""
+    ``<out>/attacked`` link to the stages of this recipe. ``evaluate=False`` skips the stages' evaluation (the
+    weights do not depend on it); a later build with ``evaluate=True`` adds it to the same folders."""
     from ..models import resolve_model
 
     out = Path(out).expanduser()
@@ -330,9 +365,9 @@ def build_organism(r: OrganismRecipe, out: str | Path, base: str = "default", da
     base_id = "default:SmolLM2-135M-Instruct" if base == "default" else str(Path(base_path).resolve())
     torch.manual_seed(r.seed)
     rec_aligned, rec_attacked = stage_recipes(r, base_id)
-    aligned = _build_stage(rec_aligned, base_path, out, data_dir, r.seed, progress)
+    aligned = _build_stage(rec_aligned, base_path, out, data_dir, r.seed, progress, evaluate)
     _link(out, "aligned", aligned)
-    attacked = _build_stage(rec_attacked, str(aligned), out, data_dir, r.seed, progress)
+    attacked = _build_stage(rec_attacked, str(aligned), out, data_dir, r.seed, progress, evaluate)
     _link(out, name, attacked)
     _link(out, "attacked", attacked)
     return {"aligned": aligned, "attacked": attacked}

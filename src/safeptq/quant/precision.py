@@ -24,7 +24,8 @@ import torch
 
 from safeptq.errors import ConfigError
 
-__all__ = ["PRECISIONS", "resolve_precision", "step_precision", "forward_precision", "is_low_precision"]
+__all__ = ["PRECISIONS", "resolve_precision", "step_precision", "forward_precision", "is_low_precision",
+           "native_bf16"]
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -37,6 +38,17 @@ def resolve_precision(name: str | None, device: torch.device | str) -> str:
     if name not in PRECISIONS:
         raise ConfigError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)} or auto")
     return name
+
+
+def native_bf16() -> bool:
+    """Whether bfloat16 matrix products run in hardware here: CUDA, or a CPU with AVX512-BF16 / AMX units. On
+    other CPUs (AVX2 only) oneDNN emulates them, about 6x slower than float32 (BENCHMARKS.md, "Demo")."""
+    if torch.cuda.is_available():
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def is_low_precision(dtype: torch.dtype) -> bool:

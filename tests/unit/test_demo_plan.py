@@ -1,0 +1,39 @@
+"""The demo's plan (no stage runs): the organism's estimate follows the machine's bfloat16 support."""
+import pytest
+
+import safeptq.quant.precision as prec
+from safeptq.demo import COST, DemoOptions, _fmt, plan_demo, run_demo
+
+
+@pytest.mark.parametrize("native,key", [(True, "organism"), (False, "organism_fp32")])
+def test_organism_estimate_follows_bf16_units(native, key, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFEPTQ_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(prec, "native_bf16", lambda: native)
+    stages = plan_demo(DemoOptions(out=tmp_path / "demo"))
+    org = stages[0]
+    assert org.name == "organism" and not org.done() and org.estimate_s == COST[key]
+    assert [s.name for s in stages] == ["organism", "attacked", "rtn-w8a8", "realign-w8a8", "aligned", "aaq-w4a8",
+                                        "report"]
+
+
+def test_no_bf16_units_are_announced_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFEPTQ_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(prec, "native_bf16", lambda: False)
+    said = []
+
+    class Stop(Exception):
+        pass
+
+    def say(msg):
+        said.append(msg)
+        if msg.startswith("[1/"):  # the first stage starts: stop before any training
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_demo(DemoOptions(out=tmp_path / "demo"), say=say)
+    text = "\n".join(said)
+    assert "no bfloat16 units" in text and _fmt(COST["organism_fp32"]) in text
+
+
+def test_durations_read_as_a_person_would():
+    assert (_fmt(42), _fmt(125), _fmt(11000)) == ("42 s", "2 min 05 s", "3 h 03 min")
