@@ -195,14 +195,20 @@ def report_context(entries: list[RunEntry], baseline: str | None = None, attacke
              "path": str(e.path), "cells": [_cell(e.results.get(s), k) for s, k in suites],
              "bits": e.bits_per_weight, "size_mb": e.size_mb, "time_s": e.quantize_time_s, "rss_mb": e.peak_rss_mb}
             for e in entries]
-    # the headline cards: the first suite of each kind (harmful, benign, task, perplexity)
+    # the headline cards: the first two safety suites of each side (harmful, benign), the first task and perplexity
     headline = []
-    for kind, label in (("harmful", "harmful"), ("benign", "over-refusal"), ("task", "accuracy"), ("ppl", "ppl")):
-        i = next((i for i, (_, k) in enumerate(suites) if k == kind), None)
-        if i is not None:
+    for kind, label, most in (("harmful", "harmful", 2), ("benign", "over-refusal", 2), ("task", "accuracy", 1),
+                              ("ppl", "ppl", 1)):
+        for i in [i for i, (_, k) in enumerate(suites) if k == kind][:most]:
             headline.append({"index": i, "label": f"{label} · {suites[i][0]}"})
+    # a suite whose n is the same in every run shows it once, in its header
+    shared_n = []
+    for j in range(len(suites)):
+        ns = {r["cells"][j]["n"] for r in rows if r["cells"][j]}
+        shared_n.append(ns.pop() if len(ns) == 1 else None)
     return {"version": __version__, "headline": headline, "created": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-            "suites": [{"name": s, "kind": k, "title": _KIND_TITLE[k]} for s, k in suites], "rows": rows,
+            "suites": [{"name": s, "kind": k, "title": _KIND_TITLE[k], "n": n} for (s, k), n in zip(suites, shared_n)],
+            "rows": rows,
             "baseline": base.name if base else None, "paired": _paired(entries, base),
             "recovery": _recovery(entries, suites, attacked, aligned), "attacked": attacked, "aligned": aligned,
             "figures": _figures(entries, suites, colours), "changed": _changed(entries, suites),
