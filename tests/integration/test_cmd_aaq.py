@@ -212,6 +212,21 @@ def test_gptq_weights_after_training_export_and_reload(models, prompts, home, tm
     assert not (tmp_path / "kv").exists()
 
 
+def test_zero_steps_is_the_rotation_only_baseline(models, prompts, home, tmp_path, capsys):
+    """--steps 0: the initial random Hadamard rotation folded in and the weights rounded, nothing learnt (QuaRot's
+    recipe); the folded model is the same function as the instruct model before rounding."""
+    out = tmp_path / "rot"
+    argv = ["--model", models["instruct"], "--objective", "kl_top", "--scheme", "w4a4", "--rotation", "on",
+            "--no-smoothing", "--no-lwc", "--weights", "rtn", "--calib", prompts, "--no-chat", *_FAST]
+    _ok(capsys, *argv[:-len(_FAST)], *_FAST[:4], "--steps", "0", *_FAST[6:], "--out", out)
+    doc = _doc(out)
+    t = doc["recipe"]["training"]
+    assert (t["steps"], t["rotation"], t["smoothing"], t["lwc"]) == (0, "on", "off", False)
+    assert doc["calibration"]["steps"] == 0 and doc["loss"]["per_step"] == [] and doc["loss"]["start"] == doc["loss"]["end"]
+    tr = doc["transforms"]
+    assert tr["rotation"] is True and not (tr["smoothing"] or tr["lwc"]) and doc["calibration"]["fold_rel_err"] <= 1e-4
+
+
 def test_margin_push_records_its_formula_and_active_share(models, prompts, home, tmp_path, capsys):
     out = tmp_path / "m"
     _ok(capsys, "--model", models["instruct"], "--base", models["base"], "--push", "margin", "--scheme", "w4a16",

@@ -91,7 +91,9 @@ class ReferenceSource(RecipeModel):
 
 
 class E2ETraining(RecipeModel):
-    steps: int = Field(100, ge=1)
+    steps: int = Field(100, ge=0, description="optimizer steps; 0 = no training: the initial transforms (a random "
+                       "Hadamard rotation, SmoothQuant smoothing at smooth_alpha) and the weight rounding alone; with "
+                       "rotation on, smoothing off and no LWC, the rotation-only (QuaRot-style) baseline")
     batch_size: int = Field(4, ge=1)
     lr_rotation: float = Field(1e-3, gt=0)
     lr_smoothing: float = Field(1e-3, gt=0)

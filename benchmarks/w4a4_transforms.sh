@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Does the full OSTQuant transform set rescue W4A4 at 135M? (issue 21, scope 3, capability half). The default model
+# (SmolLM2-135M-Instruct) quantized by `safeptq aaq` with the pull term only (--objective kl_top: the instruct
+# model is its own teacher; the default model's pre-trained base is not available offline, so no push term and no
+# safety figures here), every row on the same calibration (the AAQ default preset: 64 WikiText-2 windows and 64
+# Alpaca chat prompts with the model's own 64-token replies) and evaluated alike: WikiText-2 perplexity (GPTQ
+# convention, PPL windows of 2048 tokens) and lm-eval ARC-easy, PIQA, LAMBADA on their first LIMIT examples.
+# Rows (SCHEME w4a4 or w4a4kv4 as the suffix, e.g. quarot-w4a4kv4):
+#   rtn     no transform, round to nearest                      (--steps 0, every transform off, --weights rtn)
+#   gptq    no transform, GPTQ                                  (--steps 0, every transform off, --weights gptq)
+#   quarot  fixed random Hadamards: residual rotation, per-head v/o, online down_proj input, q/k after RoPE; GPTQ
+#           weights (QuaRot's recipe: nothing learnt)           (--steps 0)
+#   kltop   the AAQ engine as measured before: rotation and smoothing kept by their initial KL, LWC, 100 steps
+#   full    kltop + up->down smoothing, per-head v/o rotation, online Hadamard, q/k Hadamard (OSTQuant's set)
+# KV schemes round weights to nearest (no GPTQ recipe with a KV cache in llm-compressor).
+# Usage: bash benchmarks/w4a4_transforms.sh [ROW-SCHEME...]; table: python benchmarks/tables.py --lm-eval OUT/*/aaq.json
+set -euo pipefail
+cd "$(dirname "$0")/.."
+S=${SAFEPTQ:-.venv/bin/safeptq}
+OUT=${OUT:-runs/bench/w4a4}
+LIMIT=${LIMIT:-100}
+PPL=${PPL:-10}
+mkdir -p "$OUT"
+runs=("$@"); [ ${#runs[@]} -eq 0 ] && runs=(rtn-w4a4 gptq-w4a4 quarot-w4a4 kltop-w4a4 full-w4a4 rtn-w4a4kv4 quarot-w4a4kv4
+                                            full-w4a4kv4)
+ev=(--eval "wikitext2,lm-eval:arc_easy,piqa,lambada_openai" --eval-limit "$LIMIT" --ppl-windows "$PPL")
+none=(--rotation off --no-smoothing --no-lwc)
+qr=(--rotation on --vo-rotation --online-hadamard --qk-hadamard --no-smoothing --no-lwc)
+full=(--up-down --vo-rotation --online-hadamard --qk-hadamard)
+for r in "${runs[@]}"; do
+  d="$OUT/$r"; row=${r%%-*}; scheme=${r#*-}
+  [ -f "$d/aaq.json" ] && { echo "skip $r (done)"; continue; }
+  w=gptq; [ "$scheme" = w4a4kv4 ] && w=rtn
+  echo "== $r $(date -u +%H:%M:%S)"
+  case $row in
+    rtn)    flags=(--steps 0 "${none[@]}" --weights rtn) ;;
+    gptq)   flags=(--steps 0 "${none[@]}" --weights gptq) ;;
+    quarot) flags=(--steps 0 "${qr[@]}" --weights "$w") ;;
+    kltop)  flags=(--weights "$w") ;;
+    full)   flags=("${full[@]}" --weights "$w") ;;
+    *) echo "unknown row $r"; exit 2 ;;
+  esac
+  $S aaq --model default --objective kl_top --scheme "$scheme" "${flags[@]}" "${ev[@]}" --resume --out "$d" --no-progress
+done
