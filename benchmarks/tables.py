@@ -122,6 +122,8 @@ def lm_eval_table(paths: list[str]) -> None:
             continue
         ev = dict(doc.get("eval") or {})
         name = f.name.removesuffix(".json")
+        if name in ("aaq", "quantize", "realign"):  # a run record: the run's folder names the row
+            name = f.parent.name
         for part in ("mmlu", "ppl"):  # MMLU at its own per-subject limit, perplexity at its own window count
             side = f.with_name(f"{name}.{part}.json")
             if side.is_file():
