@@ -71,9 +71,10 @@ class AAQCommand(Command):
                     help="no cache: the instruct (a copy) and base models stay resident (for memory comparisons)")
         add_calib_group(p, AAQRecipe)
         g = p.add_argument_group("end-to-end training")
-        recipe_flag(g, "--steps", field="training.steps", type=int, help=f"optimizer steps ({_d('training.steps')}); 0 = the initial transforms "
-                    "and the weight rounding only (with --rotation on --no-smoothing --no-lwc: the rotation-only, "
-                    "QuaRot-style baseline)")
+        recipe_flag(g, "--steps", field="training.steps", type=int,
+                    help=f"optimizer steps ({_d('training.steps')}); 0 = the initial transforms and the weight "
+                         "rounding only (with --rotation on --no-smoothing --no-lwc: the rotation-only, QuaRot-style "
+                         "baseline)")
         recipe_flag(g, "--batch-size", field="training.batch_size", type=int,
                     help=f"calibration samples per step, also per reference batch ({_d('training.batch_size')})")
         for name, what in (("rotation", "residual rotation (Cayley parameter)"), ("smoothing", "smoothing scales"),
