@@ -4,7 +4,7 @@
 # model is its own teacher; the default model's pre-trained base is not available offline, so no push term and no
 # safety figures here), every row on the same calibration (the AAQ default preset: 64 WikiText-2 windows and 64
 # Alpaca chat prompts with the model's own 64-token replies) and evaluated alike: WikiText-2 perplexity (GPTQ
-# convention, PPL windows of 2048 tokens) and lm-eval ARC-easy, PIQA, LAMBADA on their first LIMIT examples.
+# convention, PPL windows of 2048 tokens) and lm-eval's LAMBADA (OpenAI) on its first LIMIT examples.
 # Rows (SCHEME w4a4 or w4a4kv4 as the suffix, e.g. quarot-w4a4kv4):
 #   rtn     no transform, round to nearest                      (--steps 0, every transform off, --weights rtn)
 #   gptq    no transform, GPTQ                                  (--steps 0, every transform off, --weights gptq)
@@ -23,7 +23,7 @@ PPL=${PPL:-10}
 mkdir -p "$OUT"
 runs=("$@"); [ ${#runs[@]} -eq 0 ] && runs=(rtn-w4a4 gptq-w4a4 quarot-w4a4 kltop-w4a4 full-w4a4 rtn-w4a4kv4 quarot-w4a4kv4
                                             full-w4a4kv4)
-ev=(--eval "wikitext2,lm-eval:arc_easy,piqa,lambada_openai" --eval-limit "$LIMIT" --ppl-windows "$PPL")
+ev=(--eval "wikitext2,lm-eval:lambada_openai" --eval-limit "$LIMIT" --ppl-windows "$PPL")
 none=(--rotation off --no-smoothing --no-lwc)
 qr=(--rotation on --vo-rotation --online-hadamard --qk-hadamard --no-smoothing --no-lwc)
 full=(--up-down --vo-rotation --online-hadamard --qk-hadamard)
