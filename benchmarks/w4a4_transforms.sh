@@ -21,7 +21,7 @@ OUT=${OUT:-runs/bench/w4a4}
 LIMIT=${LIMIT:-100}
 PPL=${PPL:-10}
 mkdir -p "$OUT"
-runs=("$@"); [ ${#runs[@]} -eq 0 ] && runs=(rtn-w4a4 gptq-w4a4 quarot-w4a4 kltop-w4a4 full-w4a4 rtn-w4a4kv4 quarot-w4a4kv4
+runs=("$@"); [ ${#runs[@]} -eq 0 ] && runs=(rtn-w4a4 quarot-w4a4 full-w4a4 gptq-w4a4 kltop-w4a4 rtn-w4a4kv4 quarot-w4a4kv4
                                             full-w4a4kv4)
 ev=(--eval "wikitext2,lm-eval:lambada_openai" --eval-limit "$LIMIT" --ppl-windows "$PPL")
 none=(--rotation off --no-smoothing --no-lwc)
