@@ -8,11 +8,15 @@
 # Rows (SCHEME w4a4 or w4a4kv4 as the suffix, e.g. quarot-w4a4kv4):
 #   rtn     no transform, round to nearest                      (--steps 0, every transform off, --weights rtn)
 #   gptq    no transform, GPTQ                                  (--steps 0, every transform off, --weights gptq)
-#   quarot  fixed random Hadamards: residual rotation, per-head v/o, online down_proj input, q/k after RoPE; GPTQ
-#           weights (QuaRot's recipe: nothing learnt)           (--steps 0)
-#   kltop   the AAQ engine as measured before: rotation and smoothing kept by their initial KL, LWC, 100 steps
-#   full    kltop + up->down smoothing, per-head v/o rotation, online Hadamard, q/k Hadamard (OSTQuant's set)
-# KV schemes round weights to nearest (no GPTQ recipe with a KV cache in llm-compressor).
+#   quarot  fixed random Hadamards: residual rotation, per-head v/o, online down_proj input, q/k after RoPE, nothing
+#           learnt (QuaRot's recipe), weights to nearest (QuaRot-RTN)           (--steps 0)
+#   kltopr  the AAQ engine as measured before (rotation and smoothing kept by their initial KL, LWC, 100 steps),
+#           weights to nearest
+#   full    kltopr + up->down smoothing, per-head v/o rotation, online Hadamard, q/k Hadamard (OSTQuant's set),
+#           weights to nearest
+#   kltop   kltopr with GPTQ weights (the AAQ default)
+# The rows with the online Hadamard round to nearest: safeptq refuses it with GPTQ weights (llm-compressor's exporter
+# does not store the run-time op), so GPTQ's share is read from gptq - rtn and kltop - kltopr.
 # Usage: bash benchmarks/w4a4_transforms.sh [ROW-SCHEME...]; table: python benchmarks/tables.py --lm-eval OUT/*/aaq.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,8 +25,8 @@ OUT=${OUT:-runs/bench/w4a4}
 LIMIT=${LIMIT:-100}
 PPL=${PPL:-10}
 mkdir -p "$OUT"
-runs=("$@"); [ ${#runs[@]} -eq 0 ] && runs=(rtn-w4a4 quarot-w4a4 full-w4a4 gptq-w4a4 kltop-w4a4 rtn-w4a4kv4 quarot-w4a4kv4
-                                            full-w4a4kv4)
+runs=("$@"); [ ${#runs[@]} -eq 0 ] && runs=(rtn-w4a4 quarot-w4a4 full-w4a4 kltopr-w4a4 gptq-w4a4 kltop-w4a4
+                                            rtn-w4a4kv4 quarot-w4a4kv4 full-w4a4kv4)
 ev=(--eval "wikitext2,lm-eval:lambada_openai" --eval-limit "$LIMIT" --ppl-windows "$PPL")
 none=(--rotation off --no-smoothing --no-lwc)
 qr=(--rotation on --vo-rotation --online-hadamard --qk-hadamard --no-smoothing --no-lwc)
@@ -35,9 +39,10 @@ for r in "${runs[@]}"; do
   case $row in
     rtn)    flags=(--steps 0 "${none[@]}" --weights rtn) ;;
     gptq)   flags=(--steps 0 "${none[@]}" --weights gptq) ;;
-    quarot) flags=(--steps 0 "${qr[@]}" --weights "$w") ;;
+    quarot) flags=(--steps 0 "${qr[@]}" --weights rtn) ;;
+    kltopr) flags=(--weights rtn) ;;
+    full)   flags=("${full[@]}" --weights rtn) ;;
     kltop)  flags=(--weights "$w") ;;
-    full)   flags=("${full[@]}" --weights "$w") ;;
     *) echo "unknown row $r"; exit 2 ;;
   esac
   $S aaq --model default --objective kl_top --scheme "$scheme" "${flags[@]}" "${ev[@]}" --resume --out "$d" --no-progress
