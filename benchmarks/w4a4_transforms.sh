@@ -12,7 +12,7 @@
 #           learnt (QuaRot's recipe), weights to nearest (QuaRot-RTN)           (--steps 0)
 #   kltopr  the AAQ engine as measured before (rotation and smoothing kept by their initial KL, LWC, 100 steps),
 #           weights to nearest
-#   full    kltopr + up->down smoothing, per-head v/o rotation, online Hadamard, q/k Hadamard (OSTQuant's set),
+#   full    kltopr with the rotation always on, + up->down smoothing, per-head v/o rotation, online Hadamard, q/k Hadamard (OSTQuant's set),
 #           weights to nearest
 #   kltop   kltopr with GPTQ weights (the AAQ default)
 # The rows with the online Hadamard round to nearest: safeptq refuses it with GPTQ weights (llm-compressor's exporter
@@ -30,7 +30,7 @@ runs=("$@"); [ ${#runs[@]} -eq 0 ] && runs=(rtn-w4a4 quarot-w4a4 full-w4a4 kltop
 ev=(--eval "wikitext2,lm-eval:lambada_openai" --eval-limit "$LIMIT" --ppl-windows "$PPL")
 none=(--rotation off --no-smoothing --no-lwc)
 qr=(--rotation on --vo-rotation --online-hadamard --qk-hadamard --no-smoothing --no-lwc)
-full=(--up-down --vo-rotation --online-hadamard --qk-hadamard)
+full=(--rotation on --up-down --vo-rotation --online-hadamard --qk-hadamard)
 for r in "${runs[@]}"; do
   d="$OUT/$r"; row=${r%%-*}; scheme=${r#*-}
   [ -f "$d/aaq.json" ] && { echo "skip $r (done)"; continue; }
