@@ -3,6 +3,7 @@
     python benchmarks/tables.py runs/bench/realign/*        # one row per run folder
     python benchmarks/tables.py --aaq runs/bench/aaq/fp-aligned.json runs/bench/aaq/*/   # AAQ table
     python benchmarks/tables.py --lm-eval runs/bench/lmeval/*.json   # capability table (RUN.mmlu.json merged)
+    python benchmarks/tables.py --transforms runs/bench/w4a4/*/      # W4A4 transform rows (aaq --objective kl_top)
 """
 
 from __future__ import annotations
@@ -137,10 +138,45 @@ def lm_eval_table(paths: list[str]) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+def _transforms(t: dict) -> str:
+    """R1 residual rotation, R2 per-head v/o, R3 q/k Hadamard, R4 online down_proj Hadamard, S smoothing pairs."""
+    parts = [name for key, name in (("rotation", "R1"), ("vo_rotation", "R2"), ("qk_hadamard", "R3"),
+                                    ("online_hadamard", "R4")) if t.get(key)]
+    if t.get("smoothing"):
+        parts.append("S(" + ",".join(t.get("smooth_pairs") or []) + ")")
+    if t.get("lwc"):
+        parts.append("LWC")
+    return " + ".join(parts) or "none"
+
+
+def transforms_table(paths: list[str]) -> None:
+    """W4A4 transform study: what each row applies, steps, weights, KL to the instruct model, perplexity, LAMBADA."""
+    head = ["run", "scheme", "transforms", "steps", "weights", "KL start → end (first batch)", "WikiText-2 ppl",
+            "LAMBADA acc.", "wall s"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for p in map(Path, paths):
+        d = load(p)
+        if d is None or "transforms" not in d:
+            continue
+        ev, tr = d.get("eval") or {}, d["recipe"]["training"]
+        w, lam = ev.get("wikitext2"), ev.get("lm-eval:lambada_openai")
+        loss = d.get("loss") or {}
+        print("| " + " | ".join([
+            p.name.rstrip("/") or p.parent.name, d["scheme"]["name"], _transforms(d["transforms"]), str(tr["steps"]),
+            d["calibration"].get("method", "").replace("aaq+llmcompressor:", "") if tr["weights"] != "rtn" else "rtn",
+            f"{loss.get('start', float('nan')):.4f} → {loss.get('end', float('nan')):.4f}",
+            "—" if not w else f"{w['perplexity']:.2f} [{w['ci95'][0]:.2f}, {w['ci95'][1]:.2f}] ({w['windows']}×{w['context_length']})",
+            "—" if not lam else f"{lam['accuracy']:.3f} [{lam['ci95'][0]:.3f}, {lam['ci95'][1]:.3f}] n={lam['n']}",
+            f"{d.get('wall_time_s', float('nan')):.0f}"]) + " |")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--aaq"]:
         aaq_table(sys.argv[2:])
     elif sys.argv[1:2] == ["--lm-eval"]:
         lm_eval_table(sys.argv[2:])
+    elif sys.argv[1:2] == ["--transforms"]:
+        transforms_table(sys.argv[2:])
     else:
         main(sys.argv[1:])
