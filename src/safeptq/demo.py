@@ -92,6 +92,15 @@ def _organism(opts: DemoOptions) -> tuple[dict[str, Path], bool, Callable[[], di
     return paths, cached, build
 
 
+def _method_estimates(opts: DemoOptions) -> tuple[float, float]:
+    """Q-realign's and AAQ's estimates, scaled from the default schedules' (200 prompts x 3 epochs per block; 100
+    steps) by the overrides; about a seventh of each is fixed cost (loading, probes, references, GPTQ, export)."""
+    r, a = opts.realign_overrides, opts.aaq_overrides
+    realign = COST["realign"] * (0.15 + 0.85 * r.get("nsamples", 200) * r.get("epochs", 3) / 600)
+    aaq = COST["aaq"] * (0.3 + 0.7 * a.get("steps", 100) / 100)
+    return realign, aaq
+
+
 def organism_estimate_s() -> float:
     """The organism build's time here: bf16 training where the machine has bfloat16 units, else float32 (the
     recipe's ``precision: auto``), about ten times longer on 2 cores."""
@@ -121,6 +130,7 @@ def plan_demo(opts: DemoOptions) -> list[Stage]:
         return lambda: (out / folder / name).is_file()
 
     aaq_dir = f"aaq-{opts.aaq_scheme}"
+    realign_s, aaq_s = _method_estimates(opts)
     return [
         Stage("organism", "build the model organism (aligned, then attacked)", organism_estimate_s(), None,
               lambda: org_cached, lambda: org.update(build()), cached_note="cached"),
@@ -130,14 +140,14 @@ def plan_demo(opts: DemoOptions) -> list[Stage]:
               record("rtn-w8a8", "quantize.json"),
               lambda: api.quantize(str(org["attacked"]), method="rtn", scheme="w8a8", eval=ev, out=out / "rtn-w8a8",
                                    **common)),
-        Stage("realign-w8a8", "Q-realign W8A8 of the attacked model, evaluated", COST["realign"] + eval_s,
+        Stage("realign-w8a8", "Q-realign W8A8 of the attacked model, evaluated", realign_s + eval_s,
               out / "realign-w8a8", record("realign-w8a8", "realign.json"),
               lambda: api.realign(str(org["attacked"]), probe_model=str(org["aligned"]), scheme="w8a8", eval=ev,
                                   out=out / "realign-w8a8", resume=True, **common, **opts.realign_overrides)),
         Stage("aligned", "evaluate the aligned model (full precision)", eval_s, out / "aligned.json",
               lambda: (out / "aligned.json").is_file(), fp_eval("aligned")),
         Stage(aaq_dir, f"AAQ {opts.aaq_scheme.upper()} of the aligned model (pushed from its base), evaluated",
-              COST["aaq"] + eval_s, out / aaq_dir, record(aaq_dir, "aaq.json"),
+              aaq_s + eval_s, out / aaq_dir, record(aaq_dir, "aaq.json"),
               lambda: api.aaq(str(org["aligned"]), base=opts.base, scheme=opts.aaq_scheme, eval=ev,
                               out=out / aaq_dir, resume=True, **common, **opts.aaq_overrides)),
         Stage("report", "write the report", 10.0, out / "report.html", lambda: False,

@@ -37,3 +37,14 @@ def test_no_bf16_units_are_announced_before_any_work(tmp_path, monkeypatch):
 
 def test_durations_read_as_a_person_would():
     assert (_fmt(42), _fmt(125), _fmt(11000)) == ("42 s", "2 min 05 s", "3 h 03 min")
+
+
+def test_shorter_schedules_are_estimated_shorter(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFEPTQ_HOME", str(tmp_path / "home"))
+    est = {s.name: s.estimate_s for s in plan_demo(DemoOptions(out=tmp_path / "a"))}
+    short = {s.name: s.estimate_s for s in plan_demo(DemoOptions(out=tmp_path / "b", ppl_windows=4,
+                                                               realign_overrides={"nsamples": 100, "epochs": 2},
+                                                               aaq_overrides={"steps": 40}))}
+    assert short["realign-w8a8"] < est["realign-w8a8"] and short["aaq-w4a8"] < est["aaq-w4a8"]
+    assert short["attacked"] < est["attacked"]  # fewer perplexity windows
+    assert est["realign-w8a8"] - est["attacked"] == pytest.approx(COST["realign"])  # the defaults: the measured cost
