@@ -8,7 +8,8 @@
 #   the organism: org-aligned, org-attacked, org-realigned (REALIGNED, Q-realign W8A8), org-aaq (AAQ, AAQ W4A8).
 # Each row is three evaluations of the same model (an export is reloaded with its activation quantizers):
 #   RUN.json       ARC-e, ARC-c, PIQA, WinoGrande, BoolQ, LAMBADA on their first LIMIT examples;
-#   RUN.mmlu.json  MMLU on its first MMLU examples of each of the 57 subjects (57 x MMLU questions);
+#   RUN.mmlu.json  MMLU on its first MMLU examples of each of the 57 subjects (57 x MMLU questions; MMLU=0 skips it:
+#                  at 135M every row answered at the "always A" level, BENCHMARKS "Capability");
 #   RUN.ppl.json   WikiText-2 (GPTQ convention) on its first PPL windows of 2048 tokens.
 # Quantized models are written to OUT/RUN/ first (no evaluation inside the quantize run).
 # Usage: bash benchmarks/lm_eval_table.sh [RUN...]; table: python benchmarks/tables.py --lm-eval OUT/*.json
@@ -45,6 +46,6 @@ for r in "${runs[@]}"; do
   [ -f "$OUT/$r.json" ] || $S eval --model "$m" --suite "$TASKS" --limit "$LIMIT" --out "$OUT/$r.json" --no-progress
   [ -f "$OUT/$r.ppl.json" ] || $S eval --model "$m" --suite wikitext2 --ppl-windows "$PPL" --out "$OUT/$r.ppl.json" \
     --no-progress
-  [ -f "$OUT/$r.mmlu.json" ] || $S eval --model "$m" --suite lm-eval:mmlu --limit "$MMLU" --out "$OUT/$r.mmlu.json" \
-    --no-progress
+  [ "$MMLU" = 0 ] || [ -f "$OUT/$r.mmlu.json" ] || $S eval --model "$m" --suite lm-eval:mmlu --limit "$MMLU" \
+    --out "$OUT/$r.mmlu.json" --no-progress
 done
