@@ -33,3 +33,19 @@ def test_a_quantized_model_is_scored_with_its_activation_quantization(tiny_model
     res = q.evaluate(["lm-eval:piqa"], limit=4, data_dir=str(shared_data))["lm-eval:piqa"]
     assert res["n"] == 4 and len(calls) > 0  # lm-eval ran the in-memory model, activation quantizers and all
     assert q.record["eval"]["lm-eval:piqa"] == res
+
+
+def test_bootstrap_never_forks(tiny_model_dir, shared_data, monkeypatch):
+    """LAMBADA's perplexity stderr is bootstrapped; lm-eval would do it in a forked pool, which can deadlock under
+    torch's threads. A pool here fails the test."""
+    import multiprocessing
+
+    def no_pool(*a, **k):
+        raise AssertionError("lm-eval forked a multiprocessing pool")
+
+    monkeypatch.setattr(multiprocessing, "Pool", no_pool)
+    monkeypatch.delenv("DISABLE_MULTIPROC", raising=False)
+    lm = safeptq.load_model(str(tiny_model_dir))
+    res = safeptq.evaluate(lm, ["lm-eval:lambada_openai"], limit=3, data_dir=str(shared_data))
+    r = res["suites"]["lm-eval:lambada_openai"]
+    assert r["n"] == 3 and "perplexity" in r

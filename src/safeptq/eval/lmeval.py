@@ -187,6 +187,10 @@ def run_lm_eval(model, tokenizer, suites: list[str], *, limit: int | None = None
 
     check_lm_eval()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    # lm-eval bootstraps the stderr of non-mean metrics (LAMBADA's perplexity) in a forked multiprocessing pool;
+    # forking a process whose torch / OpenMP threads hold locks can leave the workers waiting forever (seen: a
+    # W8A8 row hung 30 min after its last request). Serial bootstrap: 100 draws of at most a few thousand values
+    os.environ["DISABLE_MULTIPROC"] = "1"
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
