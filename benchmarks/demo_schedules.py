@@ -33,11 +33,10 @@ SHARED = ("attacked.json", "aligned.json", "rtn-w8a8")
 def run_variant(name: str, a: argparse.Namespace, root: Path, done: dict) -> dict:
     ppl, ro, ao = VARIANTS[name]
     ro, ao = {**ro, **json.loads(a.set_realign)}, {**ao, **json.loads(a.set_aaq)}
-    limit = a.limit
     out = root / name
-    opts = DemoOptions(out=out, organism=a.organism, limit=limit, ppl_windows=ppl, realign_overrides=ro,
+    opts = DemoOptions(out=out, organism=a.organism, limit=a.limit, ppl_windows=ppl, realign_overrides=ro,
                        aaq_overrides=ao, base=a.base, data_dir=a.data_dir, progress=False)
-    src = done.get((limit, ppl))
+    src = done.get(ppl)  # the shared stages depend on the windows only (--limit is the same for every variant)
     if src is not None and not (out / "attacked.json").exists():
         _claim(out, opts)
         for item in SHARED:
@@ -49,7 +48,7 @@ def run_variant(name: str, a: argparse.Namespace, root: Path, done: dict) -> dic
     said: list[str] = []
     t0 = time.time()
     res = run_demo(opts, say=lambda m: (said.append(m), print(m, flush=True)))
-    done.setdefault((limit, ppl), out)
+    done.setdefault(ppl, out)
     return {"variant": name, "ppl_windows": ppl, "realign": ro, "aaq": ao, "wall_s": round(time.time() - t0, 1),
             "stages": [m for m in said if "] done in" in m], "copied": list(SHARED) if src is not None else [],
             "rows": res["rows"]}

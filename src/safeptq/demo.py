@@ -209,6 +209,7 @@ def _claim(out: Path, opts: DemoOptions) -> None:
 def run_demo(opts: DemoOptions | None = None, say: Callable[[str], None] = _say) -> dict:
     """Run (or resume) the demo; returns ``{"report", "markdown": paths, "stages": {name: cached | done | ran},
     "rows": headline numbers per run}``."""
+    from .quant.precision import native_bf16
     from .runs import FolderLock
 
     opts = opts or DemoOptions()
@@ -224,7 +225,7 @@ def run_demo(opts: DemoOptions | None = None, say: Callable[[str], None] = _say)
             say(f"  {i}. {s.title:<72} {state:>6}  ~{_fmt(s.estimate_s) if s in todo else '-'}")
         left = sum(s.estimate_s for s in todo)
         say(f"  estimated: {_fmt(left)} on 2 CPU cores (the machines of BENCHMARKS.md)")
-        if todo and todo[0].name == "organism" and organism_estimate_s() > COST["organism"]:
+        if todo and todo[0].name == "organism" and not native_bf16():
             say("  note: this machine has no bfloat16 units, so the organism trains in float32 (a different model "
                 "from the bf16 recipe's, and about ten times slower); --organism PATH reuses one built elsewhere")
         t_all = time.time()

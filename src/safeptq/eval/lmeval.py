@@ -189,8 +189,8 @@ def run_lm_eval(model, tokenizer, suites: list[str], *, limit: int | None = None
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     # lm-eval bootstraps the stderr of non-mean metrics (LAMBADA's perplexity) in a forked multiprocessing pool;
     # forking a process whose torch / OpenMP threads hold locks can leave the workers waiting forever (seen: a
-    # W8A8 row hung 30 min after its last request). Serial bootstrap: 100 draws of at most a few thousand values
-    os.environ["DISABLE_MULTIPROC"] = "1"
+    # W8A8 row hung 30 min after its last request). Serial bootstrap: 100 draws of at most a few thousand values;
+    # the caller's environment is restored afterwards
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -199,8 +199,16 @@ def run_lm_eval(model, tokenizer, suites: list[str], *, limit: int | None = None
     configs = {n: task_configs(n, data) for n in names}
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
     tasks = [c for n in names for c in configs[n]]
-    res = simple_evaluate(model=lm, tasks=tasks, limit=limit, log_samples=False, bootstrap_iters=100,
-                          verbosity="WARNING")
+    before = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        res = simple_evaluate(model=lm, tasks=tasks, limit=limit, log_samples=False, bootstrap_iters=100,
+                              verbosity="WARNING")
+    finally:
+        if before is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = before
     per_task, n_samples = res["results"], res.get("n-samples", {})
     out = {}
     for n in names:

@@ -315,7 +315,8 @@ def _build_stage(rec: dict, parent_path: str, out: Path, data_dir, seed: int, pr
     evals = _evaluate_stage(model, tok, rec, work, data_dir, progress) if evaluate else None
     manifest = {"stage": rec["stage"], "recipe": rec, "recipe_hash": h, "seed": seed, "parent_path": parent_path,
                 "data_used": info["data_used"], "train": info["train"],
-                "wall_time_s": {"train": info["train"]["train_time_s"], "eval": round(time.time() - t1, 1),
+                "wall_time_s": {"train": info["train"]["train_time_s"],
+                                "eval": round(time.time() - t1, 1) if evaluate else None,
                                 "this_run": round(time.time() - t0, 1)},
                 "eval": evals, "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     (trained / "manifest.json").write_text(json.dumps(manifest, indent=2))
