@@ -41,14 +41,33 @@ def resolve_precision(name: str | None, device: torch.device | str) -> str:
 
 
 def native_bf16() -> bool:
-    """Whether bfloat16 matrix products run in hardware here: CUDA, or a CPU with AVX512-BF16 / AMX units. On
-    other CPUs (AVX2 only) oneDNN emulates them, about 6x slower than float32 (BENCHMARKS.md, "Demo")."""
+    """Whether bfloat16 matrix products run in hardware here: CUDA, or a CPU with AVX512-BF16 / AMX units.
+
+    oneDNN's own check (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) is true on any AVX512 CPU, where
+    it emulates bfloat16: an Ice Lake Xeon ran bf16 autocast 3.9x slower than float32, an AVX2-only EPYC
+    6-8x (``benchmarks/cpu_precision.py``). So on Linux the CPU's own flags decide; elsewhere oneDNN's.
+    """
     if torch.cuda.is_available():
         return True
+    flags = _cpu_flags()
+    if flags is not None:
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def _cpu_flags(path: str = "/proc/cpuinfo") -> set[str] | None:
+    """The x86 feature flags the kernel reports, or None where there is no such file (macOS, Windows, ARM)."""
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
 
 
 def is_low_precision(dtype: torch.dtype) -> bool:

@@ -11,6 +11,7 @@ from safeptq.objectives import MSE, ContrastiveKLTop, ReferenceCache
 from safeptq.quant.args import resolve_scheme
 from safeptq.quant.e2e import E2EConfig, calibrate_end_to_end
 from safeptq.quant.engine import BlockwiseConfig, calibrate_blockwise
+from safeptq.quant import precision as prec
 from safeptq.quant.precision import forward_precision, resolve_precision
 from safeptq.quant.qlinear import wrap_linear
 
@@ -39,6 +40,21 @@ def test_resolve_precision():
         BlockwiseConfig(scheme=resolve_scheme("w8a8"), precision="half")
     with pytest.raises(ConfigError, match="unknown precision"):
         E2EConfig(scheme="w8a8", precision="half")
+
+
+@pytest.mark.parametrize("flags, native", [("fpu avx2 fma", False),
+                                             ("avx512f avx512bw avx512_vnni", False),  # Ice Lake: emulated
+                                             ("avx512f avx512_bf16", True),  # Cooper Lake, Zen 4
+                                             ("avx512f amx_bf16 amx_tile", True)])  # Sapphire Rapids
+def test_native_bf16_reads_the_cpu_flags_not_onednn(tmp_path, monkeypatch, flags, native):
+    """oneDNN calls bf16 supported on every AVX512 CPU, where it is emulated and slower than float32."""
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nflags\t\t: fpu {flags}\n")
+    assert prec._cpu_flags(str(info)) >= set(flags.split())
+    assert prec._cpu_flags(str(tmp_path / "absent")) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(prec, "_cpu_flags", lambda: set(flags.split()))
+    assert prec.native_bf16() is native
 
 
 def test_bf16_weights_are_transformed_and_quantized_in_float32():
