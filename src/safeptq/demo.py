@@ -4,6 +4,7 @@ five alike and write the report. Each stage is skipped when its output is comple
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,13 +19,28 @@ __all__ = ["DemoOptions", "Stage", "plan_demo", "run_demo", "demo_runs", "headli
 DEMO_SUITES = ("advbench:eval", "harmbench", "alpaca:eval", "xstest:safe", "sst2", "wikitext2")
 DEMO_MARKER = ".safeptq-demo.json"
 
-# Wall-time model of the 2-core CPU machines of BENCHMARKS.md (seconds; "Demo" section): used for the estimates only.
-# per_window: one 2048-token perplexity window of the 135M model (about 0.55 TFLOP) at ~50 GFLOP/s.
-# organism: the v7 build without its own evaluation, trained in bf16 on a CPU with bfloat16 units (AMX: 2 x 9 min);
-# organism_fp32: the same recipe trained in float32 where bf16 would be emulated (AVX2-only CPUs: 218 steps of about
-# 50 s each, measured on an AVX2 EPYC).
+# Wall-time model (seconds), measured stage by stage on 2 idle cores of a machine whose float32 rate on
+# ``matmul_gflops()`` was REF_GFLOPS (BENCHMARKS.md, "Demo"); on another CPU every estimate scales by REF_GFLOPS / its
+# own rate, measured when the plan is made. per_window: one 2048-token perplexity window of the 135M model.
+# organism_fp32: the v7 build without its own evaluation, trained in float32 (``precision: auto`` on a CPU without
+# bfloat16 units); organism: the same trained in bf16 where the CPU has bfloat16 units (AMX: 2 x 9 min, measured on
+# such a machine and not scaled: its bf16 rate is not the float32 rate).
+REF_GFLOPS = 240.0
 COST = {"organism": 1150.0, "organism_fp32": 11000.0, "rtn": 60.0, "realign": 700.0, "aaq": 820.0,
         "eval_fixed": 25.0, "per_prompt": 0.7, "per_class": 0.35, "per_window": 11.0}
+
+
+@functools.lru_cache(maxsize=1)
+def slowdown() -> float:
+    """How many times longer than the reference machine work takes here (REF_GFLOPS / this CPU's float32 rate);
+    1.0 on CUDA, where the CPU reference is all the plan has."""
+    import torch
+
+    from .quant.precision import matmul_gflops
+
+    if torch.cuda.is_available():
+        return 1.0
+    return REF_GFLOPS / matmul_gflops()
 
 
 @dataclass
@@ -92,6 +108,15 @@ def _organism(opts: DemoOptions) -> tuple[dict[str, Path], bool, Callable[[], di
     return paths, cached, build
 
 
+def _basis() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "for 2 cores of the reference CPU (BENCHMARKS.md); a GPU takes less"
+    return (f"here (this CPU's float32 rate {REF_GFLOPS / slowdown():.0f} GFLOP/s; the stage times of BENCHMARKS.md "
+            f"were measured at {REF_GFLOPS:.0f})")
+
+
 def _method_estimates(opts: DemoOptions) -> tuple[float, float]:
     """Q-realign's and AAQ's estimates, scaled from the default schedules' (200 prompts x 3 epochs per block; 100
     steps) by the overrides; about a seventh of each is fixed cost (loading, probes, references, GPTQ, export)."""
@@ -103,10 +128,10 @@ def _method_estimates(opts: DemoOptions) -> tuple[float, float]:
 
 def organism_estimate_s() -> float:
     """The organism build's time here: bf16 training where the machine has bfloat16 units, else float32 (the
-    recipe's ``precision: auto``), about ten times longer on 2 cores."""
+    recipe's ``precision: auto``)."""
     from .quant.precision import native_bf16
 
-    return COST["organism"] if native_bf16() else COST["organism_fp32"]
+    return COST["organism"] if native_bf16() else COST["organism_fp32"] * slowdown()
 
 
 def plan_demo(opts: DemoOptions) -> list[Stage]:
@@ -117,8 +142,9 @@ def plan_demo(opts: DemoOptions) -> list[Stage]:
     out = Path(opts.out).expanduser()
     org, org_cached, build = _organism(opts)
     n_gen = 4 * opts.limit  # advbench:eval, harmbench, alpaca:eval, xstest:safe
-    eval_s = COST["eval_fixed"] + COST["per_prompt"] * n_gen + COST["per_class"] * opts.limit \
-        + COST["per_window"] * opts.ppl_windows
+    k = slowdown()
+    eval_s = k * (COST["eval_fixed"] + COST["per_prompt"] * n_gen + COST["per_class"] * opts.limit
+                  + COST["per_window"] * opts.ppl_windows)
     ev = {"suites": list(DEMO_SUITES), "limit": opts.limit, "ppl_windows": opts.ppl_windows}
     common = {"data_dir": opts.data_dir, "progress": opts.progress}
 
@@ -130,13 +156,13 @@ def plan_demo(opts: DemoOptions) -> list[Stage]:
         return lambda: (out / folder / name).is_file()
 
     aaq_dir = f"aaq-{opts.aaq_scheme}"
-    realign_s, aaq_s = _method_estimates(opts)
+    realign_s, aaq_s = (k * t for t in _method_estimates(opts))
     return [
         Stage("organism", "build the model organism (aligned, then attacked)", organism_estimate_s(), None,
               lambda: org_cached, lambda: org.update(build()), cached_note="cached"),
         Stage("attacked", "evaluate the attacked model (full precision)", eval_s, out / "attacked.json",
               lambda: (out / "attacked.json").is_file(), fp_eval("attacked")),
-        Stage("rtn-w8a8", "RTN W8A8 of the attacked model, evaluated", COST["rtn"] + eval_s, out / "rtn-w8a8",
+        Stage("rtn-w8a8", "RTN W8A8 of the attacked model, evaluated", k * COST["rtn"] + eval_s, out / "rtn-w8a8",
               record("rtn-w8a8", "quantize.json"),
               lambda: api.quantize(str(org["attacked"]), method="rtn", scheme="w8a8", eval=ev, out=out / "rtn-w8a8",
                                    **common)),
@@ -224,10 +250,10 @@ def run_demo(opts: DemoOptions | None = None, say: Callable[[str], None] = _say)
             state = states[s.name]
             say(f"  {i}. {s.title:<72} {state:>6}  ~{_fmt(s.estimate_s) if s in todo else '-'}")
         left = sum(s.estimate_s for s in todo)
-        say(f"  estimated: {_fmt(left)} on 2 CPU cores (the machines of BENCHMARKS.md)")
+        say(f"  estimated: {_fmt(left)} {_basis()}")
         if todo and todo[0].name == "organism" and not native_bf16():
             say("  note: this machine has no bfloat16 units, so the organism trains in float32 (a different model "
-                "from the bf16 recipe's, and about ten times slower); --organism PATH reuses one built elsewhere")
+                "from the bf16 recipe's); --organism PATH reuses one built elsewhere")
         t_all = time.time()
         for i, s in enumerate(stages, 1):
             if s not in todo:

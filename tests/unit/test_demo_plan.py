@@ -1,8 +1,15 @@
-"""The demo's plan (no stage runs): the organism's estimate follows the machine's bfloat16 support."""
+"""The demo's plan (no stage runs): its estimates follow the machine's bfloat16 support and float32 speed."""
 import pytest
 
+import safeptq.demo as demo
 import safeptq.quant.precision as prec
-from safeptq.demo import COST, DemoOptions, _fmt, plan_demo, run_demo
+from safeptq.demo import COST, REF_GFLOPS, DemoOptions, _fmt, plan_demo, run_demo
+
+
+@pytest.fixture(autouse=True)
+def reference_speed(monkeypatch):
+    """Plans as on the reference machine, unless a test says otherwise."""
+    monkeypatch.setattr(demo, "slowdown", lambda: 1.0)
 
 
 @pytest.mark.parametrize("native,key", [(True, "organism"), (False, "organism_fp32")])
@@ -48,3 +55,26 @@ def test_shorter_schedules_are_estimated_shorter(tmp_path, monkeypatch):
     assert short["realign-w8a8"] < est["realign-w8a8"] and short["aaq-w4a8"] < est["aaq-w4a8"]
     assert short["attacked"] < est["attacked"]  # fewer perplexity windows
     assert est["realign-w8a8"] - est["attacked"] == pytest.approx(COST["realign"])  # the defaults: the measured cost
+
+
+def test_estimates_scale_with_this_cpus_float32_rate(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFEPTQ_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(prec, "native_bf16", lambda: False)
+    ref = {s.name: s.estimate_s for s in plan_demo(DemoOptions(out=tmp_path / "a"))}
+    monkeypatch.undo()
+    monkeypatch.setenv("SAFEPTQ_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(prec, "native_bf16", lambda: False)
+    monkeypatch.setattr(prec, "matmul_gflops", lambda *a, **k: REF_GFLOPS / 4)  # a CPU four times slower
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    demo.slowdown.cache_clear()
+    try:
+        slow = {s.name: s.estimate_s for s in plan_demo(DemoOptions(out=tmp_path / "b"))}
+    finally:
+        demo.slowdown.cache_clear()
+    assert demo.slowdown.__wrapped__() == pytest.approx(4.0)
+    assert {k: slow[k] / ref[k] for k in ref if k != "report"} == pytest.approx(
+        {k: 4.0 for k in ref if k != "report"})
+
+
+def test_matmul_rate_is_measured():
+    assert 0.1 < prec.matmul_gflops(tokens=64, reps=1) < 1e5

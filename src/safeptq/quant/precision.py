@@ -25,7 +25,7 @@ import torch
 from safeptq.errors import ConfigError
 
 __all__ = ["PRECISIONS", "resolve_precision", "step_precision", "forward_precision", "is_low_precision",
-           "native_bf16"]
+           "native_bf16", "matmul_gflops"]
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -68,6 +68,23 @@ def _cpu_flags(path: str = "/proc/cpuinfo") -> set[str] | None:
     except OSError:
         return None
     return None
+
+
+def matmul_gflops(bf16: bool = False, tokens: int = 2048, reps: int = 5) -> float:
+    """This CPU's rate (GFLOP/s, the current torch thread count) on one linear layer of the 135M model's MLP shape
+    ([tokens x 576] x [576 x 1536]), float32 or under bf16 autocast: the best of ``reps`` timed calls after one
+    warm-up, a fraction of a second. What ``safeptq demo`` scales its time estimates by."""
+    import time
+
+    x, w = torch.randn(tokens, 576), torch.randn(1536, 576)
+    best = float("inf")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for i in range(reps + 1):
+            t = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            if i:
+                best = min(best, time.perf_counter() - t)
+    return 2 * tokens * 576 * 1536 / best / 1e9
 
 
 def is_low_precision(dtype: torch.dtype) -> bool:
