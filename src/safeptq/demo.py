@@ -19,15 +19,16 @@ __all__ = ["DemoOptions", "Stage", "plan_demo", "run_demo", "demo_runs", "headli
 DEMO_SUITES = ("advbench:eval", "harmbench", "alpaca:eval", "xstest:safe", "sst2", "wikitext2")
 DEMO_MARKER = ".safeptq-demo.json"
 
-# Wall-time model (seconds), measured stage by stage on 2 idle cores of a machine whose float32 rate on
-# ``matmul_gflops()`` was REF_GFLOPS (BENCHMARKS.md, "Demo"); on another CPU every estimate scales by REF_GFLOPS / its
-# own rate, measured when the plan is made. per_window: one 2048-token perplexity window of the 135M model.
+# Wall-time model (seconds), measured stage by stage by `make demo` on a fresh clone on 2 idle cores of an Ice Lake
+# Xeon whose float32 rate on ``matmul_gflops()`` is about REF_GFLOPS (205-300 over repeated calls; BENCHMARKS.md,
+# "Demo"); on another CPU every estimate scales by REF_GFLOPS / its own rate, measured when the plan is made.
+# per_window: one 2048-token perplexity window of the 135M model; per_prompt: one generated reply of up to 32 tokens.
 # organism_fp32: the v7 build without its own evaluation, trained in float32 (``precision: auto`` on a CPU without
-# bfloat16 units); organism: the same trained in bf16 where the CPU has bfloat16 units (AMX: 2 x 9 min, measured on
-# such a machine and not scaled: its bf16 rate is not the float32 rate).
-REF_GFLOPS = 240.0
-COST = {"organism": 1150.0, "organism_fp32": 11000.0, "rtn": 60.0, "realign": 700.0, "aaq": 820.0,
-        "eval_fixed": 25.0, "per_prompt": 0.7, "per_class": 0.35, "per_window": 11.0}
+# bfloat16 units; 22 min 49 s); organism: the same recipe in bf16 where the CPU has bfloat16 units (AMX: 2 x 9 min,
+# measured on such a machine and not scaled: its bf16 rate is not the float32 rate).
+REF_GFLOPS = 250.0
+COST = {"organism": 1150.0, "organism_fp32": 1370.0, "rtn": 30.0, "realign": 680.0, "aaq": 955.0,
+        "eval_fixed": 5.0, "per_prompt": 0.33, "per_class": 0.16, "per_window": 5.5}
 
 
 @functools.lru_cache(maxsize=1)
@@ -40,7 +41,7 @@ def slowdown() -> float:
 
     if torch.cuda.is_available():
         return 1.0
-    return REF_GFLOPS / matmul_gflops()
+    return REF_GFLOPS / matmul_gflops(reps=10)
 
 
 @dataclass
@@ -48,7 +49,7 @@ class DemoOptions:
     out: str | Path = "runs/demo"
     organism: str | Path | None = None  # a folder with aligned/ and attacked/ to use, or where to build them
     limit: int = 50  # prompts (and SST-2 sentences) per suite
-    ppl_windows: int = 8  # WikiText-2 windows of 2048 tokens (16k tokens; each costs ~11 s on 2 CPU cores)
+    ppl_windows: int = 8  # WikiText-2 windows of 2048 tokens (16k tokens; each costs ~6 s on the reference 2 cores)
     aaq_scheme: str = "w4a8"
     base: str = "default"  # the organism's unaligned base model: AAQ pushes away from it
     data_dir: str | None = None
@@ -119,10 +120,11 @@ def _basis() -> str:
 
 def _method_estimates(opts: DemoOptions) -> tuple[float, float]:
     """Q-realign's and AAQ's estimates, scaled from the default schedules' (200 prompts x 3 epochs per block; 100
-    steps) by the overrides; about a seventh of each is fixed cost (loading, probes, references, GPTQ, export)."""
+    steps) by the overrides. Fixed costs: Q-realign about a seventh (probes, separability, export), AAQ about two
+    fifths (the calibration replies, the reference cache, the transform search, GPTQ)."""
     r, a = opts.realign_overrides, opts.aaq_overrides
     realign = COST["realign"] * (0.15 + 0.85 * r.get("nsamples", 200) * r.get("epochs", 3) / 600)
-    aaq = COST["aaq"] * (0.3 + 0.7 * a.get("steps", 100) / 100)
+    aaq = COST["aaq"] * (0.4 + 0.6 * a.get("steps", 100) / 100)
     return realign, aaq
 
 

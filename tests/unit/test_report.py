@@ -91,11 +91,12 @@ def test_paired_differences_match_the_runs(runs):
     ctx = report_context(entries, baseline="rtn-w8a8")
     rows = [p for p in ctx["paired"] if p["note"] is None]
     assert {(p["run"], p["suite"]) for p in rows} == {(r, s) for r in ("realign-w8a8", "fp")
-                                                      for s in ("advbench:eval", "alpaca:eval")}
+                                                      for s in ("advbench:eval", "alpaca:eval", "wikitext2")}
     for p in rows:
         e = next(e for e in entries if e.name == p["run"])
-        metric = "harmful_rate" if p["suite"] == "advbench:eval" else "refusal_rate"
-        assert p["n"] == 3 and abs(p["b"] - e.results[p["suite"]][metric]) < 1e-3
+        metric = {"advbench:eval": "harmful_rate", "alpaca:eval": "refusal_rate", "wikitext2": "perplexity"}[p["suite"]]
+        tol = 1e-3 * (e.results[p["suite"]][metric] if metric == "perplexity" else 1)
+        assert p["n"] == (2 if metric == "perplexity" else 3) and abs(p["b"] - e.results[p["suite"]][metric]) < tol
         assert abs(p["diff"] - (p["b"] - p["a"])) < 1e-3
     cells = {r["name"]: r for r in ctx["rows"]}
     assert cells["rtn-w8a8"]["bits"] > 8 and cells["fp"]["bits"] == 32 and cells["realign-w8a8"]["time_s"] >= 0
@@ -160,3 +161,33 @@ def test_recovery_table_pairs_the_three_runs_prompt_by_prompt():
     assert r["closed"] == pytest.approx(5 / 7, abs=1e-3) and r["rate"] == pytest.approx(0.3)
     with pytest.raises(Exception, match="--attacked and --aligned go together"):
         report_context([att, run, ali], attacked="attacked")
+
+
+def _scored(name, correct, nll, windows=None):
+    ppl = {"perplexity": 1.0, "ci95": None, "context_length": 8, "stride": 8, "windows": windows or len(nll),
+           "source": "w.txt", "window_nll": nll}
+    return RunEntry(name=name, path=Path(name), kind="eval", method="fp", scheme="fp", model="m",
+                    results={"sst2": {"accuracy": sum(correct) / len(correct), "ci95": [0, 1], "n": len(correct),
+                                      "source": "dev.tsv", "correct": correct}, "wikitext2": ppl})
+
+
+def test_task_accuracy_and_perplexity_pair_against_the_baseline():
+    import math
+
+    base = _scored("rtn", [1, 1, 0, 1, 0, 1], [2.0, 2.2, 1.8])
+    run = _scored("realign", [1, 0, 1, 1, 1, 1], [2.1, 2.4, 1.9])
+    rows = {r["suite"]: r for r in report_context([base, run], baseline="rtn")["paired"] if r["run"] == "realign"}
+    acc, ppl = rows["sst2"], rows["wikitext2"]
+    assert (acc["metric"], acc["diff"], acc["only_a"], acc["only_b"], acc["n"]) == ("accuracy", pytest.approx(1 / 6, abs=1e-4),
+                                                                                     1, 2, 6)
+    assert 0 < acc["p"] <= 1
+    want = math.exp((2.1 + 2.4 + 1.9) / 3) - math.exp(2.0)
+    assert ppl["metric"] == "perplexity" and ppl["diff"] == pytest.approx(want, abs=1e-3) and ppl["n"] == 3
+    assert ppl["lo"] > 0 and ppl["verdict"] == "higher"  # every window is worse: the whole interval is above zero
+    assert ppl["p"] is None and ppl["only_a"] is None
+
+
+def test_results_scored_on_other_windows_or_examples_are_not_paired():
+    base = _scored("rtn", [1, 1, 0], [2.0, 2.2])
+    other = _scored("x", [1, 0], [2.1, 2.4, 1.9], windows=3)
+    assert [r for r in report_context([base, other], baseline="rtn")["paired"] if r["run"] == "x"] == []

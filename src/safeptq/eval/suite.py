@@ -193,4 +193,5 @@ def _task(model, tokenizer, gen, ps, cfg) -> dict:
                                   desc=ps.name)
         correct = [gsm8k_correct(r, e.label) for r, e in zip(responses, ps.examples)]
     acc, ci, n = rate_with_ci(correct)
-    return {"accuracy": acc, "ci95": ci, "n": n}
+    # per example, in the suite's fixed order: two runs' lists pair up (McNemar) like the generation suites' samples
+    return {"accuracy": acc, "ci95": ci, "n": n, "correct": [int(c) for c in correct]}

@@ -58,28 +58,55 @@ def _cell(res: dict | None, kind: str) -> dict | None:
 
 
 def _paired(entries: list[RunEntry], base: RunEntry | None) -> list[dict]:
+    """Against the baseline: per-prompt rates from the samples (McNemar), per-example task accuracy and per-window
+    perplexity from the results, each only where the two runs saw the same items."""
     from ..eval.samples import compare_runs
 
-    if base is None or base.samples_ref is None:
+    if base is None:
         return []
     rows = []
     for e in entries:
         if e is base:
             continue
-        if e.samples_ref is None:
+        if base.samples_ref is not None and e.samples_ref is None:
             rows.append({"run": e.name, "note": "no per-prompt samples: not paired"})
+        elif base.samples_ref is not None:
+            try:
+                res = compare_runs(base.samples_ref, e.samples_ref)
+            except ConfigError as err:
+                rows.append({"run": e.name, "note": str(err)})
+                res = {}
+            rows += [_paired_row(e.name, s, r, r["metric"]) for s, r in res.items()]
+        rows += _paired_results(e, base)
+    return rows
+
+
+def _paired_row(run: str, suite: str, r: dict, metric: str) -> dict:
+    lo, hi = r["ci95"]
+    return {"run": run, "note": None, "suite": suite, "metric": metric, "a": r["a"], "b": r["b"], "diff": r["diff"],
+            "lo": lo, "hi": hi, "n": r["n"], "only_a": r.get("only_a"), "only_b": r.get("only_b"),
+            "p": r.get("mcnemar_p"), "verdict": "lower" if hi < 0 else "higher" if lo > 0 else "no difference"}
+
+
+# what must agree for two perplexity results to be scored on the same windows
+_SAME_WINDOWS = ("context_length", "stride", "windows", "source")
+
+
+def _paired_results(e: RunEntry, base: RunEntry) -> list[dict]:
+    """Task suites (per-example correctness) and perplexity (per-window NLL) paired from the two runs' results."""
+    from ..eval.perplexity import paired_perplexity
+    from ..eval.samples import paired_difference
+
+    rows = []
+    for s, rb in base.results.items():
+        r = e.results.get(s)
+        if not isinstance(r, dict) or not isinstance(rb, dict):
             continue
-        try:
-            res = compare_runs(base.samples_ref, e.samples_ref)
-        except ConfigError as err:
-            rows.append({"run": e.name, "note": str(err)})
-            continue
-        for s, r in res.items():
-            lo, hi = r["ci95"]
-            rows.append({"run": e.name, "note": None, "suite": s, "metric": r["metric"], "a": r["a"], "b": r["b"], "diff": r["diff"],
-                         "lo": lo, "hi": hi, "n": r["n"], "only_a": r["only_a"], "only_b": r["only_b"],
-                         "p": r["mcnemar_p"],
-                         "verdict": "lower" if hi < 0 else "higher" if lo > 0 else "no difference"})
+        if "correct" in r and "correct" in rb and len(r["correct"]) == len(rb["correct"]) > 0 \
+                and r.get("source") == rb.get("source"):
+            rows.append(_paired_row(e.name, s, paired_difference(rb["correct"], r["correct"]), "accuracy"))
+        elif "window_nll" in r and "window_nll" in rb and all(r.get(k) == rb.get(k) for k in _SAME_WINDOWS):
+            rows.append(_paired_row(e.name, s, paired_perplexity(rb["window_nll"], r["window_nll"]), "perplexity"))
     return rows
 
 
