@@ -18,15 +18,10 @@ import shutil
 import time
 from pathlib import Path
 
-from safeptq.demo import DemoOptions, _claim, run_demo
+from safeptq.demo import DEMO_SCHEDULES, DemoOptions, _claim, run_demo
 
-# name -> (ppl_windows, realign overrides, aaq overrides)
-VARIANTS: dict[str, tuple[int, dict, dict]] = {
-    "default": (8, {}, {}),
-    "ppl4": (4, {}, {}),
-    "quick": (4, {"nsamples": 100, "epochs": 2}, {"steps": 40}),
-    "quicker": (4, {"nsamples": 64, "epochs": 1}, {"steps": 20}),
-}
+# name -> (ppl_windows, realign overrides, aaq overrides): the demo's schedules and the default's with 4 windows
+VARIANTS: dict[str, tuple[int, dict, dict]] = {**DEMO_SCHEDULES, "ppl4": (4, {}, {})}
 SHARED = ("attacked.json", "aligned.json", "rtn-w8a8")
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 from .errors import ConfigError
 
 __all__ = ["DemoOptions", "Stage", "plan_demo", "run_demo", "demo_runs", "headline", "DEMO_SUITES",
-           "DEMO_MARKER"]
+           "DEMO_MARKER", "DEMO_SCHEDULES"]
 
 DEMO_SUITES = ("advbench:eval", "harmbench", "alpaca:eval", "xstest:safe", "sst2", "wikitext2")
 DEMO_MARKER = ".safeptq-demo.json"
@@ -44,18 +44,37 @@ def slowdown() -> float:
     return REF_GFLOPS / matmul_gflops(reps=10)
 
 
+# name -> (WikiText-2 windows, Q-realign recipe overrides, AAQ recipe overrides). "default": the methods' own default
+# schedules (200 prompts x 3 epochs per block; 100 steps); the shorter ones trade calibration for time, and their
+# figures against the default's are in BENCHMARKS.md ("Demo"; benchmarks/demo_schedules.py).
+DEMO_SCHEDULES: dict[str, tuple[int, dict, dict]] = {
+    "default": (8, {}, {}),
+    "quick": (4, {"nsamples": 100, "epochs": 2}, {"steps": 40}),
+    "quicker": (4, {"nsamples": 64, "epochs": 1}, {"steps": 20}),
+}
+
+
 @dataclass
 class DemoOptions:
     out: str | Path = "runs/demo"
     organism: str | Path | None = None  # a folder with aligned/ and attacked/ to use, or where to build them
     limit: int = 50  # prompts (and SST-2 sentences) per suite
-    ppl_windows: int = 8  # WikiText-2 windows of 2048 tokens (16k tokens; each costs ~6 s on the reference 2 cores)
+    ppl_windows: int | None = None  # WikiText-2 windows of 2048 tokens (~6 s each); None: the schedule's
     aaq_scheme: str = "w4a8"
     base: str = "default"  # the organism's unaligned base model: AAQ pushes away from it
     data_dir: str | None = None
     progress: bool = True
-    realign_overrides: dict = field(default_factory=dict)  # recipe fields, e.g. {"epochs": 1}, for a shorter run
+    realign_overrides: dict = field(default_factory=dict)  # recipe fields, e.g. {"epochs": 1}, over the schedule's
     aaq_overrides: dict = field(default_factory=dict)
+    schedule: str = "default"  # a key of DEMO_SCHEDULES
+
+    def __post_init__(self) -> None:
+        if self.schedule not in DEMO_SCHEDULES:
+            raise ConfigError(f"unknown demo schedule {self.schedule!r}; choose one of {', '.join(DEMO_SCHEDULES)}")
+        ppl, ro, ao = DEMO_SCHEDULES[self.schedule]
+        self.ppl_windows = ppl if self.ppl_windows is None else self.ppl_windows
+        self.realign_overrides = {**ro, **self.realign_overrides}
+        self.aaq_overrides = {**ao, **self.aaq_overrides}
 
     def check(self) -> None:
         from .quant.args import resolve_scheme
@@ -199,7 +218,8 @@ def _report(out: Path, aaq_dir: str, scheme: str) -> None:
 
 
 def _settings(opts: DemoOptions) -> dict:
-    """What the demo's runs depend on: a resumed demo must use the same, or its runs would not pair."""
+    """What the demo's runs depend on: a resumed demo must use the same, or its runs would not pair. (A schedule is
+    its windows and overrides, recorded as such: demo folders of earlier versions still resume.)"""
     return {"limit": opts.limit, "ppl_windows": opts.ppl_windows, "aaq_scheme": opts.aaq_scheme, "base": opts.base,
             "organism": str(opts.organism) if opts.organism else None,
             "realign_overrides": opts.realign_overrides, "aaq_overrides": opts.aaq_overrides}

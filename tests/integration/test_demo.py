@@ -57,6 +57,8 @@ def test_demo_runs_to_the_report_and_resumes(organism, shared_data, tmp_path, mo
                for r in res["rows"])
     assert "Paired differences against RTN W8A8" in html and "evaluated differently" not in html
     assert "no per-prompt samples" not in html  # every run is paired with RTN on the same prompts
+    md = res["markdown"].read_text()  # the task and perplexity are paired too: per example, per window
+    assert "| Q-realign W8A8 | sst2 | accuracy |" in md and "| AAQ W4A8 | wikitext2 | perplexity |" in md
 
 
 def test_demo_refuses_a_folder_it_did_not_create(organism, shared_data, tmp_path, capsys):

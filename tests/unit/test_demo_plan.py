@@ -78,3 +78,26 @@ def test_estimates_scale_with_this_cpus_float32_rate(tmp_path, monkeypatch):
 
 def test_matmul_rate_is_measured():
     assert 0.1 < prec.matmul_gflops(tokens=64, reps=1) < 1e5
+
+
+def test_schedules_set_windows_and_overrides_and_explicit_values_win():
+    from safeptq.demo import DEMO_SCHEDULES
+    from safeptq.errors import ConfigError
+
+    assert (DemoOptions().ppl_windows, DemoOptions().realign_overrides) == (8, {})
+    q = DemoOptions(schedule="quicker")
+    assert (q.ppl_windows, q.realign_overrides, q.aaq_overrides) == DEMO_SCHEDULES["quicker"]
+    mixed = DemoOptions(schedule="quick", ppl_windows=2, aaq_overrides={"steps": 5})
+    assert mixed.ppl_windows == 2 and mixed.aaq_overrides == {"steps": 5} and mixed.realign_overrides["epochs"] == 2
+    with pytest.raises(ConfigError, match="unknown demo schedule 'fast'; choose one of default, quick, quicker"):
+        DemoOptions(schedule="fast")
+
+
+def test_a_demo_resumes_only_with_its_schedule(tmp_path, monkeypatch):
+    from safeptq.demo import _claim
+    from safeptq.errors import ConfigError
+
+    _claim(tmp_path / "d", DemoOptions(out=tmp_path / "d", schedule="quick"))
+    _claim(tmp_path / "d", DemoOptions(out=tmp_path / "d", schedule="quick"))  # the same settings: resumes
+    with pytest.raises(ConfigError, match="started with ppl_windows=4"):
+        _claim(tmp_path / "d", DemoOptions(out=tmp_path / "d"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..demo import DEMO_SCHEDULES
 from .base import Command
 from .summary import print_table
 
@@ -30,7 +31,12 @@ class DemoCommand(Command):
                        help="folder with aligned/ and attacked/ models to use as they are, or where to build them "
                             "(default: the cache, $SAFEPTQ_HOME/organism)")
         p.add_argument("--limit", type=int, default=50, help="prompts (and SST-2 sentences) per suite (default 50)")
-        p.add_argument("--ppl-windows", type=int, default=8, help="WikiText-2 windows of 2048 tokens (default 8)")
+        p.add_argument("--schedule", default="default", choices=list(DEMO_SCHEDULES),
+                       help="Q-realign / AAQ schedules and perplexity windows: default = the methods' defaults "
+                            "(8 windows); quick = Q-realign 100 prompts x 2 epochs, AAQ 40 steps, 4 windows; "
+                            "quicker = 64 x 1, 20 steps, 4 windows (times and figures: BENCHMARKS.md, Demo)")
+        p.add_argument("--ppl-windows", type=int, default=None,
+                       help="WikiText-2 windows of 2048 tokens (default: the schedule's)")
         p.add_argument("--aaq-scheme", default="w4a8", help="AAQ's scheme (default w4a8)")
         p.add_argument("--data-dir", default=None, help="dataset folder (default: $SAFEPTQ_DATA or ../shared/data)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -40,6 +46,7 @@ class DemoCommand(Command):
         from ..demo import DEMO_SUITES
 
         res = demo(args.out, organism=args.organism, limit=args.limit, ppl_windows=args.ppl_windows,
+                   schedule=args.schedule,
                    aaq_scheme=args.aaq_scheme, data_dir=args.data_dir, progress=not args.no_progress)
         suites = [s for s in DEMO_SUITES if any(s in r for r in res["rows"])]
         rows = [[r["run"], *[("—" if s not in r else f"{r[s][0]:.2f}" if s == "wikitext2" else f"{r[s][0]:.3f}")
