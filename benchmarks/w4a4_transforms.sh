@@ -17,6 +17,9 @@
 #   kltop   kltopr with GPTQ weights (the AAQ default)
 # The rows with the online Hadamard round to nearest: safeptq refuses it with GPTQ weights (llm-compressor's exporter
 # does not store the run-time op), so GPTQ's share is read from gptq - rtn and kltop - kltopr.
+# On the organism (safety beside perplexity; the contrastive objective, pushed from the unaligned base):
+#   MODEL=~/.cache/safeptq/organism/aligned-HASH AAQ_ARGS="--base default" LIMIT=50 PPL=8 \
+#   EVAL=advbench:eval,harmbench,alpaca:eval,xstest:safe,sst2,wikitext2 OUT=runs/bench/w4a4-org bash benchmarks/w4a4_transforms.sh
 # Usage: bash benchmarks/w4a4_transforms.sh [ROW-SCHEME...]; table: python benchmarks/tables.py --lm-eval OUT/*/aaq.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,10 +27,13 @@ S=${SAFEPTQ:-.venv/bin/safeptq}
 OUT=${OUT:-runs/bench/w4a4}
 LIMIT=${LIMIT:-100}
 PPL=${PPL:-10}
+MODEL=${MODEL:-default}
+read -r -a aaq_args <<< "${AAQ_ARGS:---objective kl_top}"
+EVAL=${EVAL:-wikitext2,lm-eval:lambada_openai}
 mkdir -p "$OUT"
 runs=("$@"); [ ${#runs[@]} -eq 0 ] && runs=(rtn-w4a4 quarot-w4a4 full-w4a4 kltopr-w4a4 gptq-w4a4 kltop-w4a4
                                             rtn-w4a4kv4 quarot-w4a4kv4 full-w4a4kv4)
-ev=(--eval "wikitext2,lm-eval:lambada_openai" --eval-limit "$LIMIT" --ppl-windows "$PPL")
+ev=(--eval "$EVAL" --eval-limit "$LIMIT" --ppl-windows "$PPL")
 none=(--rotation off --no-smoothing --no-lwc)
 qr=(--rotation on --vo-rotation --online-hadamard --qk-hadamard --no-smoothing --no-lwc)
 full=(--rotation on --up-down --vo-rotation --online-hadamard --qk-hadamard)
@@ -45,5 +51,5 @@ for r in "${runs[@]}"; do
     kltop)  flags=(--weights "$w") ;;
     *) echo "unknown row $r"; exit 2 ;;
   esac
-  $S aaq --model default --objective kl_top --scheme "$scheme" "${flags[@]}" "${ev[@]}" --resume --out "$d" --no-progress
+  $S aaq --model "$MODEL" "${aaq_args[@]}" --scheme "$scheme" "${flags[@]}" "${ev[@]}" --resume --out "$d" --no-progress
 done
