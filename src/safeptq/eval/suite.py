@@ -173,7 +173,8 @@ def evaluate(model, tokenizer, suites: list[str], cfg: EvalConfig | None = None,
             res.pop("samples", None)
         res["source"] = ps.source
         out[name] = res
-        log.info("%s: %s", name, {k: v for k, v in res.items() if k != "samples"})
+        # the headline figures only: not the samples, per-example correctness or per-window NLLs
+        log.info("%s: %s", name, {k: v for k, v in res.items() if k == "ci95" or not isinstance(v, list)})
     return out
 
 
