@@ -32,9 +32,10 @@ class DemoCommand(Command):
                             "(default: the cache, $SAFEPTQ_HOME/organism)")
         p.add_argument("--limit", type=int, default=50, help="prompts (and SST-2 sentences) per suite (default 50)")
         p.add_argument("--schedule", default="default", choices=list(DEMO_SCHEDULES),
-                       help="Q-realign / AAQ schedules and perplexity windows: default = the methods' defaults "
-                            "(8 windows); quick = Q-realign 100 prompts x 2 epochs, AAQ 40 steps, 4 windows; "
-                            "quicker = 64 x 1, 20 steps, 4 windows (times and figures: BENCHMARKS.md, Demo)")
+                       help="Q-realign / AAQ recipe overrides and perplexity windows (default: the methods' own "
+                            "schedules; times and figures: BENCHMARKS.md, Demo): " + "; ".join(
+                                f"{k} = {w} windows, Q-realign {r or 'default'}, AAQ {a or 'default'}"
+                                for k, (w, r, a) in DEMO_SCHEDULES.items()))
         p.add_argument("--ppl-windows", type=int, default=None,
                        help="WikiText-2 windows of 2048 tokens (default: the schedule's)")
         p.add_argument("--aaq-scheme", default="w4a8", help="AAQ's scheme (default w4a8)")
